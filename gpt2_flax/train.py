@@ -1,0 +1,329 @@
+"""The optimizer, the pure jitted train step, and the loop around it.
+
+``train_step(state, batch) -> (state, metrics)`` is a pure function jitted once with explicit
+shardings and the old state donated. The loop only feeds batches and reads metrics back to the
+host every ``log_every`` steps: every ``float(x)`` is a device sync.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from gpt2_flax.checkpoint import Checkpointer, abstract_like
+from gpt2_flax.config import Config, ConfigError, TrainConfig
+from gpt2_flax.metrics import MetricsLogger, flops_per_token
+from gpt2_flax.model import GPT2LMHeadModel, count_params
+from gpt2_flax.sharding import batch_sharding, data_parallel_size, make_mesh, param_shardings, replicated
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, a run directory that belongs to another model...)."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict[str, Any]  # nested dict of arrays, the model's nnx.Param state
+    opt_state: Any
+
+
+def lr_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio * peak at num_steps."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=tc.learning_rate,
+        warmup_steps=tc.warmup,
+        decay_steps=max(tc.num_steps, tc.warmup + 1),
+        end_value=tc.learning_rate * tc.min_lr_ratio,
+    )
+
+
+def _decay_mask(params: dict[str, Any]) -> dict[str, Any]:
+    # Weight decay only on matmul kernels: never biases, LayerNorm scales or embeddings.
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(
+        lr_schedule(tc),
+        b1=tc.adam_b1,
+        b2=tc.adam_b2,
+        eps=tc.adam_eps,
+        weight_decay=tc.weight_decay,
+        mask=_decay_mask,
+    )
+    if tc.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), adamw)
+    return adamw
+
+
+def loss_sums(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(sum of token cross-entropies, number of counted tokens); labels < 0 are not counted."""
+    labels = batch["labels"]
+    weights = batch.get("loss_mask", labels >= 0).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+    return (ce * weights).sum(), weights.sum()
+
+
+def _forward(graphdef: Any, params: Any, batch: dict[str, jax.Array], key: jax.Array | None) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    return model(
+        batch["input_ids"],
+        positions=batch.get("positions"),
+        segment_ids=batch.get("segment_ids"),
+        dropout_key=key,
+    )
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    seed: int,
+    accum: int,
+    use_dropout: bool,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step over the global batch, split into `accum` microbatches."""
+    key = jax.random.fold_in(jax.random.key(seed), state.step)  # dropout: a pure function of (seed, step)
+
+    def micro(params: Any, mb: dict[str, jax.Array], i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = _forward(graphdef, params, mb, jax.random.fold_in(key, i) if use_dropout else None)
+        return loss_sums(logits, mb)
+
+    grad_fn = jax.value_and_grad(micro, has_aux=True)
+    if accum == 1:
+        (loss_sum, count), grads = grad_fn(state.params, batch, jnp.int32(0))
+    else:
+        # (B, T) -> (accum, B/accum, T) taking rows i*accum + j, so every device keeps an equal
+        # share of each microbatch and nothing moves between devices.
+        mbs = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def body(carry: Any, xs: Any) -> tuple[Any, None]:
+            (loss_acc, n_acc, g_acc), (mb, i) = carry, xs
+            (loss, n), g = grad_fn(state.params, mb, i)
+            return (loss_acc + loss, n_acc + n, jax.tree.map(jnp.add, g_acc, g)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (jnp.float32(0), jnp.float32(0), zeros)
+        (loss_sum, count, grads), _ = jax.lax.scan(body, init, (mbs, jnp.arange(accum)))
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)  # mean over every counted token of the batch
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads)}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_loss(graphdef: Any, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    loss_sum, count = loss_sums(_forward(graphdef, params, batch, None), batch)
+    return loss_sum / jnp.maximum(count, 1.0)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built once."""
+
+    mesh: Mesh
+    graphdef: Any
+    state: TrainState
+    state_shardings: Any
+    step_fn: Callable[..., Any]
+    schedule: optax.Schedule
+
+
+def build(model: GPT2LMHeadModel, cfg: Config, mesh: Mesh | None = None) -> Setup:
+    mesh = mesh or make_mesh(cfg.mesh)
+    tc = cfg.train
+    dp = data_parallel_size(mesh)
+    micro = tc.batch_size // tc.grad_accum_steps
+    if micro % dp:
+        raise ConfigError(
+            f"train.batch_size={tc.batch_size} (microbatch {micro} with grad_accum_steps="
+            f"{tc.grad_accum_steps}) is not divisible by the {dp} data-parallel devices; use a "
+            f"batch size that is a multiple of {dp * tc.grad_accum_steps}"
+        )
+    graphdef, model_state = nnx.split(model)
+    p_shard = param_shardings(model_state, mesh)
+    params = jax.device_put(nnx.to_pure_dict(model_state), p_shard)
+    tx = make_optimizer(tc)
+    opt_abstract = jax.eval_shape(tx.init, params)
+    o_shard = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        opt_abstract,
+        p_shard,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
+    opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+    state_shardings = TrainState(step=replicated(mesh), params=p_shard, opt_state=o_shard)
+    state = TrainState(jax.device_put(jnp.int32(0), replicated(mesh)), params, opt_state)
+    step = functools.partial(
+        train_step,
+        graphdef=graphdef,
+        tx=tx,
+        seed=tc.seed,
+        accum=tc.grad_accum_steps,
+        use_dropout=cfg.model.dropout > 0,
+    )
+    step_fn = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding(mesh)),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    return Setup(mesh, graphdef, state, state_shardings, step_fn, lr_schedule(tc))
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of the global batch -> one global array sharded over the data axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+def _run_identity(cfg: Config, tokenizer_fingerprint: str) -> dict[str, Any]:
+    # What a resumed run must share with the checkpoint: the model and the tokenizer.
+    return {"model": cfg.to_dict()["model"], "tokenizer_fingerprint": tokenizer_fingerprint}
+
+
+def prepare_run_dir(cfg: Config, tokenizer_fingerprint: str, *, overwrite: bool) -> tuple[Path, Checkpointer]:
+    """Checks the output folder before the first step: writable, and not another model's run."""
+    out = Path(cfg.train.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"cannot write to output_dir {out}: {e}; choose a writable folder") from e
+    run_file = out / "run.json"
+    ident = _run_identity(cfg, tokenizer_fingerprint)
+    if run_file.is_file() and (out / "checkpoints").is_dir() and not overwrite:
+        old = json.loads(run_file.read_text())
+        if _run_identity_from(old) != ident:
+            raise TrainingError(
+                f"{out} holds the checkpoints of another model or tokenizer; choose another "
+                "output_dir, or pass overwrite=True (CLI: --overwrite) to replace that run"
+            )
+    elif overwrite and (out / "checkpoints").exists() and jax.process_index() == 0:
+        shutil.rmtree(out / "checkpoints")
+    if jax.process_index() == 0:
+        run_file.write_text(json.dumps({**ident, "config": cfg.to_dict()}, indent=2, sort_keys=True))
+    return out, Checkpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
+
+
+def _run_identity_from(saved: dict[str, Any]) -> dict[str, Any]:
+    return {"model": saved.get("model"), "tokenizer_fingerprint": saved.get("tokenizer_fingerprint")}
+
+
+def maybe_resume(setup: Setup, ckpt: Checkpointer, num_steps: int) -> int:
+    """Restores the latest complete checkpoint onto this run's shardings; returns its step."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return 0
+    if latest >= num_steps:
+        raise TrainingError(
+            f"{ckpt.directory} already holds a run trained to step {latest} (num_steps={num_steps}); "
+            f"pass num_steps > {latest} to train it further, another output_dir for a new run, "
+            "or overwrite=True to start over there"
+        )
+    state, _ = ckpt.restore(latest, abstract_like(setup.state))
+    setup.state = state
+    return latest
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class FitResult:
+    params: dict[str, Any]
+    graphdef: Any
+    final_step: int
+    history: list[dict[str, Any]]
+
+
+def fit(
+    model: GPT2LMHeadModel,
+    dataset: Any,
+    cfg: Config,
+    *,
+    tokenizer_fingerprint: str,
+    overwrite: bool = False,
+    sample_fn: Callable[[Any, int], str] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Trains `model` on `dataset` for cfg.train.num_steps, resuming from output_dir if it can."""
+    tc = cfg.train
+    is_main = jax.process_index() == 0
+    out, ckpt = prepare_run_dir(cfg, tokenizer_fingerprint, overwrite=overwrite)
+    setup = build(model, cfg)
+    start = maybe_resume(setup, ckpt, tc.num_steps)
+    tokens_per_step = tc.batch_size * dataset.block_size
+    n_params = count_params(model)
+    flops = flops_per_token(n_params, model.config.n_layer, model.config.n_embd, dataset.block_size)
+    logger = MetricsLogger(
+        out, tc.num_steps, start, tokens_per_step, flops * tokens_per_step, enabled=is_main, progress=progress
+    )
+    if start:
+        logger.write(f"gpt2-flax: resuming from checkpoint step {start} in {ckpt.directory}")
+    history: list[dict[str, Any]] = []
+    pending: list[dict[str, jax.Array]] = []
+    pidx, pcount = jax.process_index(), jax.process_count()
+    try:
+        for step in range(start, tc.num_steps):
+            local = dataset.get_batch(
+                step, tc.batch_size, seed=tc.seed, process_index=pidx, process_count=pcount
+            )
+            setup.state, metrics = setup.step_fn(setup.state, to_global(local, setup.mesh))
+            pending.append(metrics)  # device arrays: no sync until the log point
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.num_steps:
+                history.append(_log(logger, pending, done, setup.schedule))
+                pending = []
+            if tc.save_every and done % tc.save_every == 0 and done < tc.num_steps:
+                ckpt.save(done, setup.state, {"step": done, "seed": tc.seed})
+            if sample_fn is not None and tc.generate_every and done % tc.generate_every == 0 and is_main:
+                logger.write(f"--- sample at step {done} ---\n{sample_fn(setup.state.params, done)}")
+        final = int(jax.device_get(setup.state.step))
+        ckpt.save(final, setup.state, {"step": final, "seed": tc.seed}, force=True)
+    finally:
+        ckpt.close()
+        logger.close()
+    return FitResult(setup.state.params, setup.graphdef, final, history)
+
+
+def _log(
+    logger: MetricsLogger, pending: list[dict[str, jax.Array]], step: int, schedule: Any
+) -> dict[str, Any]:
+    host = jax.device_get(pending)  # the one sync per log interval
+    metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    if not math.isfinite(metrics["loss"]):
+        raise TrainingError(
+            f"loss became {metrics['loss']} by step {step}; the last good checkpoint is kept. "
+            "Lower the learning rate or check the data."
+        )
+    metrics["learning_rate"] = float(schedule(step - 1))
+    return logger.log(step, metrics)

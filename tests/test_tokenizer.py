@@ -1,0 +1,158 @@
+"""Tokenizer training, both load routes, and agreement with `transformers` (all offline, tiny corpus)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import transformers
+
+from gpt2_flax.tokenizer import (
+    EOS,
+    eos_token_id,
+    load_tokenizer,
+    resolve_files,
+    save_transformers_tokenizer,
+    to_transformers,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
+
+WORDS = "the cat sat on a mat; don't stop — héllo naïve café 日本語 🙂 123 4.5 (x) it's".split()
+# Unicode, emoji, newlines, CRLF, lone CR, tabs, leading/trailing spaces, blank lines, unseen bytes.
+VARIED = "  Leading spaces\r\nCRLF line\rlone CR\n\n\tindented 🙂 日本語\n  trailing   \nΩмир\x00\x7f end"
+
+
+def make_corpus(path: Path, lines: int = 400, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 12))) for _ in range(lines))
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tok")
+    corpus = make_corpus(root / "corpus.txt")
+    vocab, merges = train_tokenizer(corpus, vocab_size=400, save_path=root / "out", prefix="tiny")
+    return {"vocab": vocab, "merges": merges, "json": str(root / "out" / "tiny.tokenizer.json")}
+
+
+def test_train_writes_all_files_with_eos_first(trained: dict[str, str]) -> None:
+    assert trained["vocab"].endswith("tiny-vocab.json") and trained["merges"].endswith("tiny-merges.txt")
+    vocab = json.loads(Path(trained["vocab"]).read_text(encoding="utf-8"))
+    assert vocab[EOS] == 0
+    assert 257 < len(vocab) <= 400
+    tok = load_tokenizer(tokenizer_file=trained["json"])
+    assert tok.encode(EOS).ids == [0]
+    assert eos_token_id(tok) == 0
+    ids = tok.encode(f"a cat{EOS}the mat").ids
+    assert ids.count(0) == 1
+
+
+def test_load_routes_and_transformers_encode_identically(trained: dict[str, str], tmp_path: Path) -> None:
+    from_json = load_tokenizer(tokenizer_file=trained["json"])
+    from_pair = load_tokenizer(vocab_file=trained["vocab"], merges_file=trained["merges"])
+    # transformers v5's GPT2TokenizerFast(vocab_file=...) no longer reads files itself; from_pretrained
+    # on a folder with GPT-2's file names is the route that works in v4 and v5.
+    shutil.copy(trained["vocab"], tmp_path / "vocab.json")
+    shutil.copy(trained["merges"], tmp_path / "merges.txt")
+    hf_pair = transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path))
+    hf_json = transformers.PreTrainedTokenizerFast(tokenizer_file=trained["json"])
+    for text in (VARIED, f"one{EOS}two", " ", "\n\n \n"):
+        expected = from_json.encode(text).ids
+        assert from_pair.encode(text).ids == expected
+        assert hf_pair(text)["input_ids"] == expected
+        assert hf_json(text)["input_ids"] == expected
+    assert tokenizer_fingerprint(from_json) == tokenizer_fingerprint(from_pair)
+
+
+def test_decode_round_trips_any_text(trained: dict[str, str]) -> None:
+    tok = load_tokenizer(tokenizer_file=trained["json"])
+    assert tok.decode(tok.encode(VARIED).ids) == VARIED
+    every_byte_char = "".join(chr(i) for i in range(1, 256)) + "\U0001f600 \u2028 \ufeff"
+    assert tok.decode(tok.encode(every_byte_char).ids) == every_byte_char
+    with_eos = f"doc one{EOS}doc two"
+    assert tok.decode(tok.encode(with_eos).ids, skip_special_tokens=False) == with_eos
+
+
+def test_to_transformers_save_pretrained_reloads_offline(trained: dict[str, str], tmp_path: Path) -> None:
+    tok = load_tokenizer(tokenizer_file=trained["json"])
+    hf = to_transformers(tok, model_max_length=64)
+    assert (hf.bos_token, hf.eos_token, hf.unk_token, hf.pad_token) == (EOS, EOS, EOS, None)
+    assert hf.eos_token_id == 0 and hf.model_max_length == 64
+    written = save_transformers_tokenizer(tok, tmp_path / "export", model_max_length=64)
+    names = {Path(p).name for p in written}
+    assert {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"} <= names
+    reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    assert reloaded.eos_token_id == 0 and reloaded.model_max_length == 64 and reloaded.pad_token is None
+    assert reloaded(VARIED)["input_ids"] == tok.encode(VARIED).ids
+    assert reloaded.decode(reloaded(VARIED)["input_ids"]) == VARIED
+    # The plain save_pretrained route (what export may call directly) loads the same way.
+    hf.save_pretrained(str(tmp_path / "plain"))
+    plain = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "plain"))
+    assert plain(VARIED)["input_ids"] == tok.encode(VARIED).ids
+
+
+def test_fingerprint_changes_with_tokenizer(trained: dict[str, str], tmp_path: Path) -> None:
+    corpus = make_corpus(tmp_path / "c.txt")
+    other_vocab, other_merges = train_tokenizer(corpus, vocab_size=300, save_path=tmp_path, prefix="small")
+    tok = load_tokenizer(tokenizer_file=trained["json"])
+    assert tokenizer_fingerprint(tok) != tokenizer_fingerprint(load_tokenizer(other_vocab, other_merges))
+    assert len(tokenizer_fingerprint(tok)) == 64
+    tok.enable_truncation(max_length=8)  # a per-call setting: same tokenizer, same fingerprint
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(load_tokenizer(tokenizer_file=trained["json"]))
+
+
+def test_train_accepts_folder_glob_and_list(tmp_path: Path) -> None:
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    b, a = make_corpus(folder / "b.txt", 50, seed=1), make_corpus(folder / "a.txt", 50, seed=2)
+    (folder / ".hidden").write_text("ignored", encoding="utf-8")
+    assert resolve_files(folder) == [a, b]
+    assert resolve_files(str(folder / "*.txt")) == [a, b]
+    assert resolve_files([b, a]) == [b, a]
+    out = tmp_path / "new" / "dir"  # created on demand
+    for i, files in enumerate((folder, str(folder / "*.txt"), [a, b])):
+        vocab, _ = train_tokenizer(files, vocab_size=300, save_path=out, prefix=f"t{i}")
+        assert Path(vocab).is_file()
+
+
+def test_train_errors(tmp_path: Path) -> None:
+    corpus = make_corpus(tmp_path / "ok.txt", 20)
+    with pytest.raises(FileNotFoundError, match="missing.txt does not exist"):
+        train_tokenizer(tmp_path / "missing.txt", save_path=tmp_path)
+    with pytest.raises(FileNotFoundError, match="matched no files"):
+        train_tokenizer(str(tmp_path / "*.nothing"), save_path=tmp_path)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.txt is empty"):
+        train_tokenizer([corpus, tmp_path / "empty.txt"], save_path=tmp_path)
+    with pytest.raises(ValueError, match="vocab_size >= 258"):
+        train_tokenizer(corpus, vocab_size=257, save_path=tmp_path)
+    (tmp_path / "void").mkdir()
+    with pytest.raises(FileNotFoundError, match="contains no files"):
+        train_tokenizer(tmp_path / "void", save_path=tmp_path)
+    with pytest.raises(ValueError, match="No input files"):
+        train_tokenizer([], save_path=tmp_path)
+
+
+def test_load_errors_and_missing_eos(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="No tokenizer given"):
+        load_tokenizer()
+    with pytest.raises(ValueError, match="No tokenizer given"):
+        load_tokenizer(vocab_file=tmp_path / "v.json")
+    with pytest.raises(FileNotFoundError, match="nope.json does not exist"):
+        load_tokenizer(tokenizer_file=tmp_path / "nope.json")
+    (tmp_path / "v.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="merges_file .*m.txt does not exist"):
+        load_tokenizer(vocab_file=tmp_path / "v.json", merges_file=tmp_path / "m.txt")
+    corpus = make_corpus(tmp_path / "c.txt", 50)
+    vocab, merges = train_tokenizer(corpus, vocab_size=300, save_path=tmp_path, special_tokens=())
+    no_eos = load_tokenizer(vocab, merges)
+    with pytest.raises(ValueError, match="has no '<\\|endoftext\\|>' token"):
+        eos_token_id(no_eos)
+    with pytest.raises(ValueError, match="has no"):
+        to_transformers(no_eos, 64)
