@@ -17,58 +17,13 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import GPT2Config
 
-from gpt2_flax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
+from gpt2_flax.config import Config, ConfigError, DataConfig, MeshConfig, TrainConfig
 from gpt2_flax.convert import export_pretrained, load_hf_state_dict, read_weights
 from gpt2_flax.generate import make_sampler, sample_ids
-from gpt2_flax.model import GPT2LMHeadModel
+from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config, model_config_of
 from gpt2_flax.tokenizer import EOS, eos_token_id, load_tokenizer, tokenizer_fingerprint
 
 PathLike = str | Path
-
-
-def build_gpt2_config(
-    vocab_size: int = 5000,
-    max_length: int = 1024,
-    dropout: float = 0.0,
-    n_embd: int = 768,
-    n_layer: int = 12,
-    n_head: int = 12,
-    eos_token_id: int = 0,
-    **kwargs: Any,
-) -> GPT2Config:
-    """A `transformers.GPT2Config`: n_positions = max_length, every dropout = dropout, bos/eos =
-    the `<|endoftext|>` id (0 for tokenizers made by `train_tokenizer`)."""
-    if max_length < 1 or vocab_size < 1:
-        raise ConfigError(f"need max_length >= 1 and vocab_size >= 1, got {max_length}, {vocab_size}")
-    if n_embd % n_head:
-        raise ConfigError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-    return GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=max_length,
-        n_ctx=max_length,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        bos_token_id=eos_token_id,
-        eos_token_id=eos_token_id,
-        **kwargs,
-    )
-
-
-def model_config_of(config: GPT2Config, **extra: Any) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=config.vocab_size,
-        n_positions=config.n_positions,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        dropout=float(config.resid_pdrop),
-        layer_norm_epsilon=float(config.layer_norm_epsilon),
-        **extra,
-    )
 
 
 def _load_config(config: GPT2Config | PathLike | None, model_folder: PathLike | None) -> GPT2Config:
@@ -92,7 +47,8 @@ class GPT2:
     model: weights to start from (`pytorch_model.bin`, `model.safetensors` or a folder);
     model_folder: a folder written by `save` (weights, config.json and tokenizer files);
     config: a `GPT2Config` or a config.json path; the tokenizer comes from vocab_file + merges_file,
-    tokenizer_file, or model_folder.
+    tokenizer_file, a `tokenizers.Tokenizer` (tokenizer=), or model_folder. dtype is the compute
+    dtype (parameters stay float32); remat: none | block | dots.
     """
 
     def __init__(
@@ -103,10 +59,15 @@ class GPT2:
         vocab_file: PathLike | None = None,
         merges_file: PathLike | None = None,
         tokenizer_file: PathLike | None = None,
+        tokenizer: Any = None,
         seed: int = 42,
         dtype: str = "float32",
+        remat: str = "none",
+        vocab_multiple: int = 128,
     ):
-        self.tokenizer = _load_tokenizer(vocab_file, merges_file, tokenizer_file, model_folder)
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(vocab_file, merges_file, tokenizer_file, model_folder)
+        self.tokenizer = tokenizer
         self.config = _load_config(config, model_folder)
         vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
         if self.config.vocab_size != vocab:
@@ -114,9 +75,15 @@ class GPT2:
                 f"the config's vocab_size ({self.config.vocab_size}) does not match the tokenizer's "
                 f"{vocab} tokens; build the config with vocab_size={vocab}"
             )
-        self.dtype = dtype
+        self.dtype, self.remat, self.vocab_multiple = dtype, remat, vocab_multiple
         self._sampler: tuple[Any, Any] | None = None  # (model, its jitted sampler)
-        self.model = GPT2LMHeadModel(self.config, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype))
+        self.model = GPT2LMHeadModel(
+            self.config,
+            rngs=nnx.Rngs(seed),
+            dtype=jnp.dtype(dtype),
+            remat=remat,
+            vocab_multiple=vocab_multiple,
+        )
         weights = model if model is not None else model_folder
         if weights is not None:
             load_hf_state_dict(self.model, read_weights(weights), source=str(weights))
@@ -146,7 +113,9 @@ class GPT2:
             )
         if tokenizer_fingerprint(data.tokenizer) != tokenizer_fingerprint(self.tokenizer):
             raise ConfigError("the dataset was encoded with a different tokenizer than this model's")
-        model_cfg = model_config_of(self.config, dtype=self.dtype)
+        model_cfg = model_config_of(
+            self.config, dtype=self.dtype, remat=self.remat, vocab_multiple=self.vocab_multiple
+        )
         return Config(
             model=model_cfg,
             data=DataConfig(block_size=data.block_size),
@@ -182,7 +151,7 @@ class GPT2:
             self.model,
             data,
             cfg,
-            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            tokenizer=self.tokenizer,
             overwrite=overwrite,
             sample_fn=sample,
             progress=progress,
@@ -263,3 +232,65 @@ def _load_tokenizer(
             f"or model_folder; gpt2_flax trains models from scratch with their own {EOS!r} tokenizer"
         )
     return load_tokenizer(vocab_file, merges_file, tokenizer_file)
+
+
+def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True, samples: int = 3) -> GPT2:
+    """The CLI's train job: data -> tokenizer (trained if none is given) -> dataset -> GPT-2 -> export."""
+    from gpt2_flax.corpus import write_demo_corpus
+    from gpt2_flax.data import TokenDataset
+    from gpt2_flax.tokenizer import train_tokenizer
+
+    out = Path(cfg.train.output_dir)
+    files = list(cfg.data.files)
+    if not files:
+        files = [str(write_demo_corpus(out / "demo_corpus.txt"))]
+        print(f"gpt2-flax: no --data given; training on Python standard-library docstrings ({files[0]})")
+    d = cfg.data
+    if d.tokenizer_file or d.vocab_file or d.merges_file:
+        tokenizer = load_tokenizer(d.vocab_file, d.merges_file, d.tokenizer_file)
+    else:
+        vocab, merges = train_tokenizer(
+            files, vocab_size=cfg.model.vocab_size, min_frequency=d.min_frequency, save_path=out / "tokenizer"
+        )
+        tokenizer = load_tokenizer(vocab, merges)
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if vocab_size != cfg.model.vocab_size and not (d.tokenizer_file or d.vocab_file):
+        # A small corpus can run out of merges before the requested size: the model follows the tokenizer.
+        print(
+            f"gpt2-flax: the corpus gave {vocab_size} tokens (asked {cfg.model.vocab_size}); "
+            f"using {vocab_size}"
+        )
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
+    data = TokenDataset(files, tokenizer=tokenizer, block_size=cfg.block_size, cache_dir=d.cache_dir)
+    m = cfg.model
+    config = build_gpt2_config(
+        m.vocab_size,
+        m.n_positions,
+        m.dropout,
+        m.n_embd,
+        m.n_layer,
+        m.n_head,
+        eos_token_id=eos_token_id(tokenizer),
+        layer_norm_epsilon=m.layer_norm_epsilon,
+    )
+    ai = GPT2(
+        config=config,
+        tokenizer=tokenizer,
+        seed=cfg.train.seed,
+        dtype=m.dtype,
+        remat=m.remat,
+        vocab_multiple=m.vocab_multiple,
+    )
+    train_kwargs = dataclasses.asdict(cfg.train)
+    ai.train(data, mesh=dataclasses.asdict(cfg.mesh), overwrite=overwrite, progress=progress, **train_kwargs)
+    print(f"gpt2-flax: training finished; PyTorch-ready model in {out}")
+    if samples:
+        texts = ai.generate(
+            n=samples,
+            prompt=cfg.train.sample_prompt,
+            max_length=2 * m.n_positions,
+            seed=0,
+            return_as_list=True,
+        )
+        print(("\n" + "=" * 10 + "\n").join(texts or []))
+    return ai

@@ -2,9 +2,11 @@
 
 Layout under ``output_dir``::
 
-    checkpoints/<step>/state/...   parameters, optimizer state, step (Orbax, one folder per step)
-    checkpoints/<step>/meta/...    JSON: config, tokenizer fingerprint, data position
+    checkpoints/<step>/params/     parameters (Orbax, one folder per step)
+    checkpoints/<step>/opt_state/  optimizer state
+    checkpoints/<step>/meta/       JSON: step, seed (the data position is a function of the step)
     run.json                       the resolved config of the run (what a resume must match)
+    run_tokenizer.json             the tokenizer of the run (what an export from a checkpoint needs)
 
 Orbax writes each step into a temporary folder and renames it when complete, so a crash mid-save
 leaves the previous step as the latest; ``latest_step`` never returns a half-written one.
@@ -37,20 +39,26 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
-        """Starts an asynchronous save; training continues while it is written."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    def save(
+        self, step: int, params: Any, opt_state: Any, meta: dict[str, Any], *, force: bool = False
+    ) -> bool:
+        """Starts an asynchronous save; training continues while it is written. Parameters and
+        optimizer state are separate items so an export can restore parameters alone."""
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave({**meta, "step": step}),
+        )
         return self._manager.save(step, args=args, force=force)
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """Restores onto the shardings of `abstract_state` (jax.ShapeDtypeStruct leaves with
-        .sharding), whatever mesh the checkpoint was written from."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        out = self._manager.restore(step, args=args)
-        return out.state, out.meta
-
-    def restore_meta(self, step: int) -> dict[str, Any]:
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    def restore(self, step: int, params: Any, opt_state: Any | None = None) -> dict[str, Any]:
+        """Restores onto the shardings of the abstract targets (jax.ShapeDtypeStruct leaves with
+        .sharding), whatever mesh the checkpoint was written from. opt_state=None: parameters only."""
+        items: dict[str, Any] = {"params": ocp.args.StandardRestore(params), "meta": ocp.args.JsonRestore()}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(opt_state)
+        out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return {k: out[k] for k in items}
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

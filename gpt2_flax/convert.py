@@ -205,3 +205,50 @@ def _write_weights(sd: dict[str, np.ndarray], folder: Path) -> None:
     tensors = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}  # owned, writable copies
     tensors["lm_head.weight"] = tensors["transformer.wte.weight"]  # tied: shares storage, no extra bytes
     torch.save(tensors, folder / "pytorch_model.bin")
+
+
+def export_checkpoint(
+    run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, overwrite: bool = False
+) -> Path:
+    """Exports a training checkpoint (parameters only: no optimizer state is read) for PyTorch."""
+    import jax
+
+    from gpt2_flax.checkpoint import Checkpointer
+    from gpt2_flax.config import config_from_dict
+    from gpt2_flax.model import build_gpt2_config
+    from gpt2_flax.tokenizer import eos_token_id, load_tokenizer
+
+    run_dir = Path(run_dir)
+    run_file = run_dir / "run.json"
+    if not run_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training output_dir (it has no run.json)")
+    cfg = config_from_dict(json.loads(run_file.read_text())["config"]).model
+    tokenizer = load_tokenizer(tokenizer_file=run_dir / "run_tokenizer.json")
+    gpt2 = build_gpt2_config(
+        cfg.vocab_size,
+        cfg.n_positions,
+        cfg.dropout,
+        cfg.n_embd,
+        cfg.n_layer,
+        cfg.n_head,
+        eos_token_id=eos_token_id(tokenizer),
+        layer_norm_epsilon=cfg.layer_norm_epsilon,
+    )
+    abstract = nnx.eval_shape(lambda: GPT2LMHeadModel(gpt2, vocab_multiple=cfg.vocab_multiple))
+    graphdef, state = nnx.split(abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state)
+    )
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    try:
+        steps = ckpt.all_steps()
+        step = steps[-1] if (step is None and steps) else step
+        if step is None or step not in steps:
+            raise FileNotFoundError(
+                f"{run_dir}/checkpoints has no checkpoint for step {step}; it has {steps}"
+            )
+        params = ckpt.restore(step, target)["params"]
+    finally:
+        ckpt.close()
+    return export_pretrained(nnx.merge(graphdef, params), tokenizer, out_dir, overwrite=overwrite)

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import GPT2Config
 
+from gpt2_flax.config import ConfigError, ModelConfig
+
 Array = jax.Array
 
 
@@ -244,3 +246,48 @@ def count_params(model: GPT2LMHeadModel) -> int:
     total = sum(x.size for x in jax.tree.leaves(state))
     pad = model.wte.embedding.shape[0] - model.vocab_size
     return total - pad * model.config.n_embd
+
+
+def build_gpt2_config(
+    vocab_size: int = 5000,
+    max_length: int = 1024,
+    dropout: float = 0.0,
+    n_embd: int = 768,
+    n_layer: int = 12,
+    n_head: int = 12,
+    eos_token_id: int = 0,
+    **kwargs: Any,
+) -> GPT2Config:
+    """A `transformers.GPT2Config`: n_positions = max_length, every dropout = dropout, bos/eos =
+    the `<|endoftext|>` id (0 for tokenizers made by `train_tokenizer`)."""
+    if max_length < 1 or vocab_size < 1:
+        raise ConfigError(f"need max_length >= 1 and vocab_size >= 1, got {max_length}, {vocab_size}")
+    if n_embd % n_head:
+        raise ConfigError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=max_length,
+        n_ctx=max_length,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        **kwargs,
+    )
+
+
+def model_config_of(config: GPT2Config, **extra: Any) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=config.vocab_size,
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        dropout=float(config.resid_pdrop),
+        layer_norm_epsilon=float(config.layer_norm_epsilon),
+        **extra,
+    )

@@ -118,3 +118,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def maybe_initialize(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """Starts jax.distributed for multi-host runs. Cloud TPU VMs need no arguments (the TPU metadata
+    names the peers); elsewhere pass the coordinator host:port, process count and this process's id."""
+    import os
+
+    if coordinator or num_processes:
+        if coordinator is None or num_processes is None or process_id is None:
+            raise ConfigError("multi-host needs --coordinator, --num-processes and --process-id together")
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice
+        jax.distributed.initialize()

@@ -28,6 +28,7 @@ from gpt2_flax.config import Config, ConfigError, TrainConfig
 from gpt2_flax.metrics import MetricsLogger, flops_per_token
 from gpt2_flax.model import GPT2LMHeadModel, count_params
 from gpt2_flax.sharding import batch_sharding, data_parallel_size, make_mesh, param_shardings, replicated
+from gpt2_flax.tokenizer import tokenizer_fingerprint
 
 
 class TrainingError(RuntimeError):
@@ -208,7 +209,7 @@ def _run_identity(cfg: Config, tokenizer_fingerprint: str) -> dict[str, Any]:
     return {"model": cfg.to_dict()["model"], "tokenizer_fingerprint": tokenizer_fingerprint}
 
 
-def prepare_run_dir(cfg: Config, tokenizer_fingerprint: str, *, overwrite: bool) -> tuple[Path, Checkpointer]:
+def prepare_run_dir(cfg: Config, tokenizer: Any, *, overwrite: bool) -> tuple[Path, Checkpointer]:
     """Checks the output folder before the first step: writable, and not another model's run."""
     out = Path(cfg.train.output_dir)
     try:
@@ -219,7 +220,7 @@ def prepare_run_dir(cfg: Config, tokenizer_fingerprint: str, *, overwrite: bool)
     except OSError as e:
         raise TrainingError(f"cannot write to output_dir {out}: {e}; choose a writable folder") from e
     run_file = out / "run.json"
-    ident = _run_identity(cfg, tokenizer_fingerprint)
+    ident = _run_identity(cfg, tokenizer_fingerprint(tokenizer))
     if run_file.is_file() and (out / "checkpoints").is_dir() and not overwrite:
         old = json.loads(run_file.read_text())
         if _run_identity_from(old) != ident:
@@ -231,6 +232,7 @@ def prepare_run_dir(cfg: Config, tokenizer_fingerprint: str, *, overwrite: bool)
         shutil.rmtree(out / "checkpoints")
     if jax.process_index() == 0:
         run_file.write_text(json.dumps({**ident, "config": cfg.to_dict()}, indent=2, sort_keys=True))
+        (out / "run_tokenizer.json").write_text(tokenizer.to_str())
     return out, Checkpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
 
 
@@ -249,8 +251,10 @@ def maybe_resume(setup: Setup, ckpt: Checkpointer, num_steps: int) -> int:
             f"pass num_steps > {latest} to train it further, another output_dir for a new run, "
             "or overwrite=True to start over there"
         )
-    state, _ = ckpt.restore(latest, abstract_like(setup.state))
-    setup.state = state
+    target = abstract_like(setup.state)
+    out = ckpt.restore(latest, target.params, target.opt_state)
+    step = jax.device_put(jnp.int32(out["meta"]["step"]), setup.state_shardings.step)
+    setup.state = TrainState(step, out["params"], out["opt_state"])
     return latest
 
 
@@ -270,7 +274,7 @@ def fit(
     dataset: Any,
     cfg: Config,
     *,
-    tokenizer_fingerprint: str,
+    tokenizer: Any,
     overwrite: bool = False,
     sample_fn: Callable[[Any, int], str] | None = None,
     progress: bool = True,
@@ -278,7 +282,7 @@ def fit(
     """Trains `model` on `dataset` for cfg.train.num_steps, resuming from output_dir if it can."""
     tc = cfg.train
     is_main = jax.process_index() == 0
-    out, ckpt = prepare_run_dir(cfg, tokenizer_fingerprint, overwrite=overwrite)
+    out, ckpt = prepare_run_dir(cfg, tokenizer, overwrite=overwrite)
     setup = build(model, cfg)
     start = maybe_resume(setup, ckpt, tc.num_steps)
     tokens_per_step = tc.batch_size * dataset.block_size
@@ -304,15 +308,19 @@ def fit(
                 history.append(_log(logger, pending, done, setup.schedule))
                 pending = []
             if tc.save_every and done % tc.save_every == 0 and done < tc.num_steps:
-                ckpt.save(done, setup.state, {"step": done, "seed": tc.seed})
+                _save(ckpt, done, setup.state, tc.seed)
             if sample_fn is not None and tc.generate_every and done % tc.generate_every == 0 and is_main:
                 logger.write(f"--- sample at step {done} ---\n{sample_fn(setup.state.params, done)}")
         final = int(jax.device_get(setup.state.step))
-        ckpt.save(final, setup.state, {"step": final, "seed": tc.seed}, force=True)
+        _save(ckpt, final, setup.state, tc.seed, force=True)
     finally:
         ckpt.close()
         logger.close()
     return FitResult(setup.state.params, setup.graphdef, final, history)
+
+
+def _save(ckpt: Checkpointer, step: int, state: TrainState, seed: int, force: bool = False) -> None:
+    ckpt.save(step, state.params, state.opt_state, {"seed": seed}, force=force)
 
 
 def _log(

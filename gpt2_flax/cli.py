@@ -1,0 +1,206 @@
+"""`gpt2-flax`: the command line. It parses arguments and calls library functions; nothing else.
+
+gpt2-flax train                                   # the demo: stdlib docstrings, a few CPU minutes
+gpt2-flax train --config configs/seed.yaml --data input.txt --train.num_steps=2000
+gpt2-flax train-tokenizer input.txt --vocab-size 5000 --save-path tok
+gpt2-flax generate --model-folder trained_model --prompt "ROMEO:" -n 3
+gpt2-flax export --checkpoint trained_model --output exported
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gpt2_flax.config import Config, ConfigError, load_config
+
+# The main job with no arguments: the seed page's kind of model, sized to train in a few CPU minutes
+# on the offline stdlib-docstring corpus. configs/demo.yaml holds the same values (a test checks).
+DEMO: dict[str, Any] = {
+    "model": {"vocab_size": 2000, "n_positions": 64, "n_embd": 128, "n_layer": 4, "n_head": 4},
+    "train": {
+        "batch_size": 32,
+        "num_steps": 800,
+        "learning_rate": 2e-3,
+        "log_every": 50,
+        "save_every": 400,
+        "output_dir": "gpt2_flax_demo",
+    },
+}
+
+
+def _override_help() -> str:
+    lines = ["config keys (YAML sections, or dotted overrides such as --train.learning_rate=3e-4):"]
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        default = cls()
+        for f in dataclasses.fields(cls):
+            lines.append(f"  --{section.name}.{f.name}=  (default: {getattr(default, f.name)!r})")
+    return "\n".join(lines)
+
+
+def split_overrides(extra: Sequence[str]) -> list[str]:
+    """['--train.lr=1', '--mesh.data', '2'] -> ['train.lr=1', 'mesh.data=2']; anything else is an error."""
+    out: list[str] = []
+    items = list(extra)
+    while items:
+        item = items.pop(0)
+        key = item.removeprefix("--")
+        if not item.startswith("--") or "." not in key.split("=")[0]:
+            raise ConfigError(
+                f"unrecognised argument {item!r}; config overrides look like --train.num_steps=100"
+            )
+        if "=" not in key:
+            if not items:
+                raise ConfigError(f"override {item} needs a value: {item}=VALUE")
+            key = f"{key}={items.pop(0)}"
+        out.append(key)
+    return out
+
+
+def resolve_config(args: argparse.Namespace, extra: Sequence[str]) -> Config:
+    overrides = split_overrides(extra)
+    if args.data:
+        overrides.append(f"data.files=[{', '.join(repr(d) for d in args.data)}]")
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir!r}")
+    if args.config is None:
+        return load_config(None, overrides, **DEMO)
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from gpt2_flax.api import run_training
+    from gpt2_flax.sharding import maybe_initialize
+
+    maybe_initialize(args.coordinator, args.num_processes, args.process_id)
+    cfg = resolve_config(args, extra)
+    run_training(cfg, overwrite=args.overwrite, progress=not args.no_progress, samples=args.samples)
+    return 0
+
+
+def cmd_train_tokenizer(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from gpt2_flax.tokenizer import train_tokenizer
+
+    if extra:
+        raise ConfigError(f"unrecognised arguments {list(extra)}")
+    vocab, merges = train_tokenizer(
+        args.files,
+        vocab_size=args.vocab_size,
+        min_frequency=args.min_frequency,
+        save_path=args.save_path,
+        prefix=args.prefix,
+        show_progress=True,
+    )
+    print(f"wrote {vocab}\nwrote {merges}\nwrote {Path(args.save_path) / (args.prefix + '.tokenizer.json')}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from gpt2_flax.api import GPT2
+
+    if extra:
+        raise ConfigError(f"unrecognised arguments {list(extra)}")
+    ai = GPT2(model_folder=args.model_folder)
+    texts = ai.generate(
+        n=args.n,
+        prompt=args.prompt,
+        max_length=args.max_length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        return_as_list=True,
+    )
+    print(("\n" + "=" * 10 + "\n").join(texts or []))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from gpt2_flax.convert import export_checkpoint
+
+    if extra:
+        raise ConfigError(f"unrecognised arguments {list(extra)}")
+    out = export_checkpoint(args.checkpoint, args.output, step=args.step, overwrite=args.overwrite)
+    print(f"exported to {out}: load it with transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="gpt2-flax", description=__doc__, formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a tokenizer (if needed) and a GPT-2, then export it",
+        description="Train GPT-2. With no --config: the offline demo (stdlib docstrings).",
+        epilog=_override_help(),
+        formatter_class=fmt,
+    )
+    t.add_argument("--config", help="YAML config (see configs/); default: the built-in demo")
+    t.add_argument("--data", nargs="+", help="text files, folders or globs (sets data.files)")
+    t.add_argument(
+        "--output-dir", help="checkpoints, metrics.jsonl and the export go here (train.output_dir)"
+    )
+    t.add_argument(
+        "--overwrite", action="store_true", help="replace another model's run/export in output dir"
+    )
+    t.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)"
+    )
+    t.add_argument("--samples", type=int, default=3, help="samples printed after training (default 3)")
+    t.add_argument("--coordinator", help="multi-host: coordinator host:port (automatic on Cloud TPU VMs)")
+    t.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    t.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    t.set_defaults(func=cmd_train)
+
+    k = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files")
+    k.add_argument("files", nargs="+", help="text files, folders or globs")
+    k.add_argument("--vocab-size", type=int, default=5000, help="vocabulary size (default 5000)")
+    k.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default 2)")
+    k.add_argument("--save-path", default=".", help="output folder (default .)")
+    k.add_argument(
+        "--prefix", default="gpt2_flax", help="file prefix: PREFIX-vocab.json ... (default gpt2_flax)"
+    )
+    k.set_defaults(func=cmd_train_tokenizer)
+
+    g = sub.add_parser("generate", help="sample text from an exported model folder")
+    g.add_argument("--model-folder", required=True, help="folder written by train/export/save")
+    g.add_argument("--prompt", default="", help="text every sample starts with")
+    g.add_argument("-n", type=int, default=1, help="number of samples (default 1)")
+    g.add_argument("--max-length", type=int, default=256, help="tokens per sample, prompt included")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0 = off")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9; 1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("export", help="export a training checkpoint to a PyTorch/transformers folder")
+    e.add_argument("--checkpoint", required=True, help="a training output_dir (holds run.json, checkpoints/)")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    e.add_argument("--output", required=True, help="folder to write config.json, model.safetensors, ...")
+    e.add_argument("--overwrite", action="store_true", help="replace another model's export in --output")
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    from gpt2_flax.train import TrainingError
+
+    try:
+        return args.func(args, extra)
+    except (ConfigError, TrainingError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        print(f"gpt2-flax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
