@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Copy a config to every worker and start `gpt2-flax train` on all of them at once, detached.
+
+Each worker runs the same command; on a TPU VM jax.distributed.initialize() needs no arguments, so
+the hosts of a multi-host slice find each other by themselves. The trainer keeps running after this
+script returns (setsid + nohup); its output goes to ~/gpt2_flax_logs/train.log on each worker.
+Checkpoints go to OUTPUT/checkpoints/, and the trainer resumes from the latest one by itself, so the
+same launch command also continues a run (--replace first stops a trainer that is still running).
+A multi-host slice needs a gs:// OUTPUT (hosts share no disk).
+
+Extra dotted overrides for the trainer go after `--`.
+
+example:
+  python tpu_scripts/launch.py --config configs/tpu-v4-8-124m.yaml --output gs://my-bucket/gpt2-124m \\
+      -- --train.num_steps=20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Sequence
+
+import common
+
+REMOTE_DATA = "gpt2_flax_data"  # where gs:// --data-files land on each worker
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", required=True, help="trainer config YAML, e.g. configs/tpu-v4-8-124m.yaml"
+    )
+    parser.add_argument(
+        "--output", required=True, help="output dir, gs://BUCKET/RUN (required for multi-host)"
+    )
+    parser.add_argument(
+        "--data-files",
+        help="training text for --data.files=: a path on the workers, or gs://BUCKET/data/*.txt "
+        "(copied to ~/gpt2_flax_data on every worker first)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="extra trainer overrides after --, e.g. --train.learning_rate=3e-4"
+    )
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if not os.path.isfile(args.config):
+        raise common.UsageError(f"config {args.config!r} not found. Fix: pass --config PATH/TO/CONFIG.yaml.")
+    if common.hosts(args.accel_type) > 1:
+        common.require_gs_output(args.output, f"{args.accel_type} has {common.hosts(args.accel_type)} hosts")
+    for override in args.overrides:
+        if not re.fullmatch(r"--[A-Za-z_][\w.]*=.*", override):
+            raise common.UsageError(
+                f"override {override!r} is not of the form --section.key=value. "
+                "Fix: e.g. --train.learning_rate=3e-4."
+            )
+
+
+def train_command(args: argparse.Namespace) -> list[str]:
+    cmd = [f"{common.REMOTE_VENV}/bin/gpt2-flax", "train", "--config", common.REMOTE_CONFIG]
+    if args.data_files:
+        # The trainer reads local files only: gs:// data is copied next to it first (see launch()).
+        files = REMOTE_DATA if args.data_files.startswith("gs://") else args.data_files
+        cmd.append(f"--data.files={files}")
+    return [*cmd, f"--train.output_dir={args.output}", *args.overrides]
+
+
+def launch(tpu: common.Tpu, args: argparse.Namespace, replace: bool = False) -> None:
+    if not args.output.startswith("gs://"):
+        common.log(
+            f"warning: {args.output} is on the VM's disk; it is lost if the VM is preempted or deleted"
+        )
+    tpu.scp(args.config, common.REMOTE_CONFIG)
+    log_, pid = common.REMOTE_LOG, common.REMOTE_PID
+    # set -e: a failed step (e.g. the data copy) stops here, and gcloud reports the failure.
+    steps = ["set -e", f"mkdir -p {common.REMOTE_LOG_DIR}"]
+    if args.data_files and args.data_files.startswith("gs://"):
+        # --no-clobber: a relaunch on the same VM does not copy the data again.
+        src = common.quote(args.data_files)
+        steps += [f"mkdir -p {REMOTE_DATA}", f"gcloud storage cp --no-clobber {src} {REMOTE_DATA}/"]
+    if replace:
+        # Stop the old trainer (SIGTERM, up to 60 s to exit, then SIGKILL) so it frees the chips.
+        steps.append(
+            f'if [ -f {pid} ]; then P="$(cat {pid})"; '
+            '{ kill "$P" 2>/dev/null && timeout 60 tail --pid="$P" -f /dev/null; } || true; '
+            'kill -9 "$P" 2>/dev/null || true; fi'
+        )
+    steps += [
+        # Refuse to start a second trainer: both would fight over the TPU chips.
+        f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then '
+        'echo "gpt2_flax: training is already running on this worker (launch.py --replace stops it)" >&2; '
+        "exit 1; fi",
+        # setsid + nohup + closed stdin: the trainer survives the end of this ssh session.
+        f"setsid nohup {' '.join(map(common.quote, train_command(args)))} > {log_} 2>&1 < /dev/null & "
+        f"echo $! > {pid}",
+    ]
+    tpu.ssh("; ".join(steps))
+    if not tpu.dry_run:
+        common.log(f"training started on all workers of {tpu.label}; logs: ~/{log_} (tpu_scripts/logs.py)")
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = common.make_parser(__doc__)
+    add_args(parser)
+    parser.add_argument("--replace", action="store_true", help="stop a trainer still running, then start")
+    args = parser.parse_args(argv)
+    tpu = common.make_tpu(args)
+    check_args(args)
+    launch(tpu, args, replace=args.replace)
+    return 0
+
+
+if __name__ == "__main__":
+    common.main_wrapper(main)
