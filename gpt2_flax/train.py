@@ -127,7 +127,7 @@ def train_step(
     grads = jax.tree.map(lambda g: g / count, grads)  # mean over every counted token of the batch
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
 

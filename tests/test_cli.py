@@ -1,0 +1,187 @@
+"""The gpt2-flax command line: train -> export -> generate on a tiny config, help, config errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from gpt2_flax import cli
+from gpt2_flax.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_yaml_config_parses() -> None:
+    paths = sorted((ROOT / "configs").glob("*.yaml"))
+    assert {p.name for p in paths} >= {"tiny.yaml", "seed.yaml", "demo.yaml", "gpt2-124m.yaml"}
+    for path in paths:
+        assert isinstance(load_config(path), Config), path
+
+
+def test_demo_yaml_equals_builtin_demo() -> None:
+    # `gpt2-flax train` with no --config runs cli.DEMO; configs/demo.yaml documents the same values.
+    assert load_config(ROOT / "configs" / "demo.yaml") == load_config(None, **cli.DEMO)
+
+
+def test_seed_yaml_is_the_seed_page_model() -> None:
+    m = load_config(ROOT / "configs" / "seed.yaml").model
+    assert (m.vocab_size, m.n_positions, m.n_embd, m.n_layer, m.n_head, m.dropout) == (
+        5000,
+        32,
+        256,
+        8,
+        8,
+        0.0,
+    )
+
+
+def test_overrides_and_types() -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.learning_rate=3e-4", "mesh.data=2"])
+    assert cfg.train.learning_rate == 3e-4 and cfg.mesh.data == 2 and cfg.model.n_layer == 2
+    assert cli.split_overrides(["--train.seed", "7", "--model.n_layer=3"]) == [
+        "train.seed=7",
+        "model.n_layer=3",
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.learnign_rate=1"], "unknown config key"),
+        (["nosuch.key=1"], "unknown config key"),
+        (["train.num_steps=many"], "train.num_steps"),
+        (["model.n_head=5"], "divisible"),
+        (["data.block_size=64"], "block_size"),
+        (["train.batch_size=0"], "batch_size"),
+    ],
+)
+def test_bad_config_values(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs" / "tiny.yaml", overrides)
+
+
+def test_help_lists_every_option() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gpt2_flax.cli", "train", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    for key in ("--train.learning_rate", "--model.n_layer", "--mesh.fsdp", "--data.files", "--overwrite"):
+        assert key in out.stdout
+    for command in ("train-tokenizer", "generate", "export"):
+        sub = subprocess.run([sys.executable, "-m", "gpt2_flax.cli", command, "--help"], capture_output=True)
+        assert sub.returncode == 0
+
+
+def test_cli_error_exits_nonzero_with_message(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpt2_flax.cli",
+            "train",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--data",
+            str(tmp_path / "missing.txt"),
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 2
+    assert "missing.txt" in out.stderr and "error" in out.stderr
+    assert cli.main(["train", "--config", "nope.yaml"]) == 2
+    assert cli.main(["train", "--train.nosuch=1"]) == 2
+
+
+def test_train_tokenizer_command(corpus_file: Path, tmp_path: Path) -> None:
+    assert (
+        cli.main(["train-tokenizer", str(corpus_file), "--vocab-size", "300", "--save-path", str(tmp_path)])
+        == 0
+    )
+    assert (tmp_path / "gpt2_flax-vocab.json").is_file() and (tmp_path / "gpt2_flax-merges.txt").is_file()
+    assert (tmp_path / "gpt2_flax.tokenizer.json").is_file()
+
+
+def test_train_export_generate(corpus_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--data",
+        str(corpus_file),
+        "--output-dir",
+        str(run),
+        "--no-progress",
+        "--samples",
+        "2",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+    ]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "training finished" in printed
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [5, 10, 15, 20]
+    for name in ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.json"):
+        assert (run / name).is_file(), name
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [10, 20]
+
+    # Export the step-10 checkpoint; it differs from the final weights, and loads in PyTorch.
+    assert (
+        cli.main(["export", "--checkpoint", str(run), "--step", "10", "--output", str(tmp_path / "e10")]) == 0
+    )
+    from safetensors.numpy import load_file
+
+    w10 = load_file(str(tmp_path / "e10" / "model.safetensors"))
+    w20 = load_file(str(run / "model.safetensors"))
+    assert w10.keys() == w20.keys()
+    assert not np.array_equal(w10["transformer.h.0.mlp.c_fc.weight"], w20["transformer.h.0.mlp.c_fc.weight"])
+    assert cli.main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "e20")]) == 0
+    w20b = load_file(str(tmp_path / "e20" / "model.safetensors"))
+    assert all(np.array_equal(w20[k], w20b[k]) for k in w20)
+
+    capsys.readouterr()
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--model-folder",
+                str(run),
+                "--prompt",
+                "ROMEO:",
+                "-n",
+                "2",
+                "--seed",
+                "0",
+                "--max-length",
+                "20",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.count("ROMEO:") == 2
+
+    # The same run again: already finished -> a clear error, nothing overwritten.
+    assert cli.main(args) == 2
+    # A different model into the same folder -> refused without --overwrite.
+    assert cli.main([*args, "--model.n_layer=3"]) == 2
+    assert json.loads((run / "config.json").read_text())["n_layer"] == 2
+
+
+def test_yaml_holds_only_differences() -> None:
+    # Every key in every shipped YAML is a real config key (load_config would raise otherwise) and
+    # differs from the default, so a YAML file shows exactly what makes that config special.
+    default = Config().to_dict()
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        for section, values in (yaml.safe_load(path.read_text()) or {}).items():
+            for key, value in values.items():
+                assert default[section][key] != value, f"{path.name}: {section}.{key} equals the default"
