@@ -24,6 +24,7 @@ from flax import nnx
 from transformers import GPT2Config
 
 from gpt2_flax.config import ConfigError, ModelConfig
+from gpt2_flax.sharding import constrain
 
 Array = jax.Array
 
@@ -101,6 +102,8 @@ class Attention(nnx.Module):
         c = x.shape[-1]
         h, d = self.n_head, c // self.n_head
         qkv = self.c_attn(x).reshape(b, t, 3, h, d)  # (B*T, 3C) -> (B, T, 3, H, D)
+        # Heads split over the tensor axis (a no-op without one): attention is then local per device.
+        qkv = constrain(qkv, ("batch", None, None, "heads", None))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, D) each
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # mask: (B or 1, 1, T, T)
@@ -214,7 +217,8 @@ class GPT2LMHeadModel(nnx.Module):
 
     def _blocks(self, x: Array, mask: Array, shape: tuple[int, int], keys: Array | None) -> Array:
         def body(x: Array, block: Block, layer_keys: Array | None) -> Array:
-            return block(x, mask, shape, layer_keys)
+            # The one activation constraint per block: rows over the data axes, features whole.
+            return block(constrain(x, ("batch", None)), mask, shape, layer_keys)
 
         if self.remat != "none":
             body = nnx.remat(body, policy=_REMAT_POLICIES[self.remat])

@@ -107,6 +107,25 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict[str, Any]:
     return traversals.unflatten_mapping(flat)
 
 
+def in_mesh(fn: Any, mesh: Mesh) -> Any:
+    """Traces `fn` with `mesh` as the context mesh, so `constrain` calls inside it take effect."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # set_mesh is not allowed under jit
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical axis names; a no-op outside a mesh context (eager use, tests)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(tuple(logical))
+    return jax.lax.with_sharding_constraint(x, _fit(spec, x.shape, mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Rows of a (B, T) batch split over every data-parallel axis; time replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))

@@ -23,11 +23,18 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from gpt2_flax.checkpoint import Checkpointer, abstract_like
+from gpt2_flax.checkpoint import Checkpointer
 from gpt2_flax.config import Config, ConfigError, TrainConfig
 from gpt2_flax.metrics import MetricsLogger, flops_per_token
 from gpt2_flax.model import GPT2LMHeadModel, count_params
-from gpt2_flax.sharding import batch_sharding, data_parallel_size, make_mesh, param_shardings, replicated
+from gpt2_flax.sharding import (
+    batch_sharding,
+    data_parallel_size,
+    in_mesh,
+    make_mesh,
+    param_shardings,
+    replicated,
+)
 from gpt2_flax.tokenizer import tokenizer_fingerprint
 
 
@@ -141,58 +148,82 @@ def eval_loss(graphdef: Any, params: Any, batch: dict[str, jax.Array]) -> jax.Ar
 
 @dataclass
 class Setup:
-    """Everything the loop needs, built once."""
+    """Everything the loop needs, built once. `state` is None in a plan that is only compiled."""
 
     mesh: Mesh
     graphdef: Any
-    state: TrainState
-    state_shardings: Any
+    state: TrainState | None
+    state_shardings: TrainState
+    abstract_state: TrainState  # ShapeDtypeStructs with shardings: the jit and Orbax restore target
     step_fn: Callable[..., Any]
     schedule: optax.Schedule
+    tx: optax.GradientTransformation
 
 
-def build(model: GPT2LMHeadModel, cfg: Config, mesh: Mesh | None = None) -> Setup:
-    mesh = mesh or make_mesh(cfg.mesh)
-    tc = cfg.train
+def check_batch(tc: TrainConfig, mesh: Mesh) -> None:
     dp = data_parallel_size(mesh)
     micro = tc.batch_size // tc.grad_accum_steps
-    if micro % dp:
+    if micro % dp or tc.batch_size % jax.process_count():
         raise ConfigError(
             f"train.batch_size={tc.batch_size} (microbatch {micro} with grad_accum_steps="
             f"{tc.grad_accum_steps}) is not divisible by the {dp} data-parallel devices; use a "
             f"batch size that is a multiple of {dp * tc.grad_accum_steps}"
         )
-    graphdef, model_state = nnx.split(model)
+
+
+def plan(graphdef: Any, model_state: nnx.State, cfg: Config, mesh: Mesh) -> Setup:
+    """Shardings and the jitted step for a model state that may be abstract (jax.ShapeDtypeStruct
+    leaves: nothing is allocated, e.g. to compile for a TPU slice this machine does not have)."""
+    check_batch(cfg.train, mesh)
     p_shard = param_shardings(model_state, mesh)
-    params = jax.device_put(nnx.to_pure_dict(model_state), p_shard)
-    tx = make_optimizer(tc)
-    opt_abstract = jax.eval_shape(tx.init, params)
+    tx = make_optimizer(cfg.train)
+    p_abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nnx.to_pure_dict(model_state),
+        p_shard,
+    )
+    o_abstract = jax.eval_shape(tx.init, p_abstract)
+    # Optimizer moments shard like their parameters; scalars (the step count) are replicated.
     o_shard = optax.tree_map_params(
         tx,
         lambda _, s: s,
-        opt_abstract,
+        o_abstract,
         p_shard,
         transform_non_params=lambda _: replicated(mesh),
         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
     )
-    opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
-    state_shardings = TrainState(step=replicated(mesh), params=p_shard, opt_state=o_shard)
-    state = TrainState(jax.device_put(jnp.int32(0), replicated(mesh)), params, opt_state)
+    shardings = TrainState(step=replicated(mesh), params=p_shard, opt_state=o_shard)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        TrainState(jax.ShapeDtypeStruct((), jnp.int32), p_abstract, o_abstract),
+        shardings,
+    )
     step = functools.partial(
         train_step,
         graphdef=graphdef,
         tx=tx,
-        seed=tc.seed,
-        accum=tc.grad_accum_steps,
+        seed=cfg.train.seed,
+        accum=cfg.train.grad_accum_steps,
         use_dropout=cfg.model.dropout > 0,
     )
     step_fn = jax.jit(
-        step,
-        in_shardings=(state_shardings, batch_sharding(mesh)),
-        out_shardings=(state_shardings, replicated(mesh)),
+        in_mesh(step, mesh),
+        in_shardings=(shardings, batch_sharding(mesh)),
+        out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
     )
-    return Setup(mesh, graphdef, state, state_shardings, step_fn, lr_schedule(tc))
+    return Setup(mesh, graphdef, None, shardings, abstract, step_fn, lr_schedule(cfg.train), tx)
+
+
+def build(model: GPT2LMHeadModel, cfg: Config, mesh: Mesh | None = None) -> Setup:
+    """`plan` for a concrete model, with its parameters and a fresh optimizer state placed on the mesh."""
+    mesh = mesh or make_mesh(cfg.mesh)
+    graphdef, model_state = nnx.split(model)
+    setup = plan(graphdef, model_state, cfg, mesh)
+    params = jax.device_put(nnx.to_pure_dict(model_state), setup.state_shardings.params)
+    opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)
+    setup.state = TrainState(jax.device_put(jnp.int32(0), replicated(mesh)), params, opt_state)
+    return setup
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -251,7 +282,7 @@ def maybe_resume(setup: Setup, ckpt: Checkpointer, num_steps: int) -> int:
             f"pass num_steps > {latest} to train it further, another output_dir for a new run, "
             "or overwrite=True to start over there"
         )
-    target = abstract_like(setup.state)
+    target = setup.abstract_state
     out = ckpt.restore(latest, target.params, target.opt_state)
     step = jax.device_put(jnp.int32(out["meta"]["step"]), setup.state_shardings.step)
     setup.state = TrainState(step, out["params"], out["opt_state"])

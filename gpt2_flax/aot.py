@@ -1,0 +1,170 @@
+"""Ahead-of-time compile of the real train step for a TPU slice this machine does not have.
+
+`jax.experimental.topologies` (with `libtpu` installed; no TPU needed) describes the slice's
+devices; the step is lowered on abstract, sharded inputs and compiled by the TPU compiler, which
+then tells per-device memory and FLOPs: whether a config fits before a TPU is rented.
+
+    gpt2-flax compile --config configs/gpt2-124m.yaml --topology v5e:2x4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gpt2_flax.config import Config
+from gpt2_flax.metrics import flops_per_token
+from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config
+from gpt2_flax.sharding import batch_sharding, make_mesh
+from gpt2_flax.train import plan
+
+GiB = 1 << 30
+# Per chip: HBM bytes and peak dense bf16 FLOP/s (Google Cloud TPU documentation).
+CHIPS: dict[str, tuple[int, float]] = {
+    "TPU v4": (32 * GiB, 275e12),
+    "TPU v5 lite": (16 * GiB, 197e12),
+    "TPU v5": (95 * GiB, 459e12),
+    "TPU v6 lite": (32 * GiB, 918e12),
+}
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    topology: str
+    device_kind: str
+    n_devices: int
+    n_chips: int
+    mesh: dict[str, int]
+    n_params: int
+    argument_bytes: int  # per device: parameters, optimizer state, batch
+    temp_bytes: int  # per device: activations and scratch
+    output_bytes: int
+    alias_bytes: int  # outputs written into donated inputs (counted once)
+    hbm_bytes: int  # per device
+    compiler_flops: float  # per step, all devices (includes rematerialised recompute)
+    model_flops_per_token: float
+    tokens_per_step: int
+    peak_flops_per_chip: float
+
+    @property
+    def total_bytes(self) -> int:
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.hbm_bytes
+
+    def tokens_per_s(self, mfu: float) -> float:
+        return mfu * self.peak_flops_per_chip * self.n_chips / self.model_flops_per_token
+
+    def format(self) -> str:
+        g = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / (1 << 20):.1f} MiB"  # noqa: E731
+        lines = [
+            f"topology {self.topology}: {self.n_devices} x {self.device_kind} ({self.n_chips} chips), "
+            f"mesh {self.mesh}",
+            f"model: {self.n_params / 1e6:.1f}M parameters; {self.tokens_per_step:,} tokens per step",
+            f"per-device memory: arguments {g(self.argument_bytes)}, temporaries {g(self.temp_bytes)}, "
+            f"outputs {g(self.output_bytes)} (donated {g(self.alias_bytes)})",
+            f"total {g(self.total_bytes)} of {g(self.hbm_bytes)} HBM per device -> "
+            + ("FITS" if self.fits else "DOES NOT FIT"),
+            # XLA's cost analysis counts a loop body once: the layer scan and the microbatch scan.
+            f"FLOPs per step (compiler, all devices, loop bodies counted once): {self.compiler_flops:.3e}; "
+            f"model FLOPs per token: {self.model_flops_per_token:.3e}",
+            f"tokens/s at 40% MFU: {self.tokens_per_s(0.4):,.0f}; at 60% MFU: {self.tokens_per_s(0.6):,.0f}",
+        ]
+        return "\n".join(lines)
+
+
+def topology_devices(topology: str) -> list[Any]:
+    try:
+        from jax.experimental import topologies
+
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except Exception as e:  # no libtpu, or a name libtpu does not know
+        raise ValueError(
+            f"cannot describe TPU topology {topology!r} ({e}); install libtpu (pip install 'gpt2_flax[tpu]') "
+            "and use a name like v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4"
+        ) from e
+
+
+def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
+    """Lowers and compiles the train step of `cfg` for `topology`; nothing is allocated."""
+    devices = topology_devices(topology)
+    kind = devices[0].device_kind
+    hbm, peak = CHIPS.get(kind, (0, 0.0))
+    cores_per_chip = len(devices) // len({tuple(d.coords) for d in devices})
+    mesh = make_mesh(cfg.mesh, devices)
+    m = cfg.model
+    gcfg = build_gpt2_config(m.vocab_size, m.n_positions, m.dropout, m.n_embd, m.n_layer, m.n_head)
+    abstract = nnx.eval_shape(
+        lambda: GPT2LMHeadModel(
+            gcfg, dtype=jnp.dtype(m.dtype), remat=m.remat, vocab_multiple=m.vocab_multiple
+        )
+    )
+    graphdef, state = nnx.split(abstract)
+    setup = plan(graphdef, state, cfg, mesh)
+    b, t = cfg.train.batch_size, cfg.block_size
+    row = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=batch_sharding(mesh))
+    lowered = setup.step_fn.lower(setup.abstract_state, {"input_ids": row, "labels": row})
+    n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+    try:
+        compiled = lowered.compile()
+        mem = compiled.memory_analysis()
+        sizes = (
+            mem.argument_size_in_bytes,
+            mem.temp_size_in_bytes,
+            mem.output_size_in_bytes,
+            mem.alias_size_in_bytes,
+        )
+        cost = compiled.cost_analysis()
+        flops = float((cost[0] if isinstance(cost, list | tuple) else cost).get("flops", 0.0))
+    except Exception as e:  # the TPU compiler refuses programs that cannot fit
+        sizes, flops = _sizes_from_oom(e, setup.abstract_state), 0.0
+    return CompileReport(
+        topology=topology,
+        device_kind=kind,
+        n_devices=len(devices),
+        n_chips=len(devices) // cores_per_chip,
+        mesh=dict(mesh.shape),
+        n_params=n_params,
+        argument_bytes=sizes[0],
+        temp_bytes=sizes[1],
+        output_bytes=sizes[2],
+        alias_bytes=sizes[3],
+        hbm_bytes=hbm // cores_per_chip,
+        compiler_flops=flops * len(devices),
+        model_flops_per_token=flops_per_token(n_params, m.n_layer, m.n_embd, t),
+        tokens_per_step=b * t,
+        peak_flops_per_chip=peak,
+    )
+
+
+def _sizes_from_oom(error: Exception, abstract_state: Any) -> tuple[int, int, int, int]:
+    """(arguments, temporaries, outputs, aliased) from "Ran out of memory ... temporaries (127.55G)"."""
+    match = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", str(error))
+    if "RESOURCE_EXHAUSTED" not in str(error) or match is None:
+        raise error
+    temp = int(float(match.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": GiB, "T": 1 << 40}[match.group(2)])
+    # The state stays where it is (donated): count its per-device shard bytes once.
+    args = sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)
+    )
+    return args, temp, args, args
+
+
+def report_dict(report: CompileReport) -> dict[str, Any]:
+    out = dataclasses.asdict(report)
+    out.update(
+        total_bytes=report.total_bytes,
+        fits=report.fits,
+        tokens_per_s_40=report.tokens_per_s(0.4),
+        tokens_per_s_60=report.tokens_per_s(0.6),
+    )
+    return out
