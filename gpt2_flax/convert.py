@@ -56,7 +56,18 @@ ARCH_KEYS = ("model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_
 def _flat_params(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     flat = traversals.flatten_mapping(pure)
-    return {".".join(str(p) for p in path): np.asarray(v) for path, v in flat.items()}
+    return {".".join(str(p) for p in path): _to_host(v) for path, v in flat.items()}
+
+
+def _to_host(x: Any) -> np.ndarray:
+    import jax
+
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        # Multi-host: every process must take part in the gather, even those that write nothing.
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def to_hf_state_dict(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
@@ -172,16 +183,21 @@ def export_pretrained(
     model: GPT2LMHeadModel, tokenizer: Any, out_dir: str | Path, *, overwrite: bool = False
 ) -> Path:
     """Writes the PyTorch-ready folder for `model` and its `tokenizers.Tokenizer`."""
+    import jax
+
     from gpt2_flax.tokenizer import save_transformers_tokenizer
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
+    state_dict = to_hf_state_dict(model)  # a collective on multi-host runs: every process gathers
+    if jax.process_index() != 0:  # only process 0 writes files
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
     if not overwrite:
         check_not_other_model(out_dir, config)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
-        _write_weights(to_hf_state_dict(model), tmp)
+        _write_weights(state_dict, tmp)
         config = GPT2Config.from_dict(config.to_dict())
         config.architectures = ["GPT2LMHeadModel"]
         config.save_pretrained(tmp)

@@ -160,7 +160,15 @@ class Setup:
     tx: optax.GradientTransformation
 
 
-def check_batch(tc: TrainConfig, mesh: Mesh) -> None:
+def check_layout(cfg: Config, mesh: Mesh) -> None:
+    """Errors for layouts that cannot work, before anything is compiled."""
+    tensor = mesh.shape["tensor"]
+    if cfg.model.n_head % tensor:
+        raise ConfigError(
+            f"model.n_head={cfg.model.n_head} heads cannot be split over mesh.tensor={tensor} devices; "
+            f"use a tensor size that divides {cfg.model.n_head} (or 1)"
+        )
+    tc = cfg.train
     dp = data_parallel_size(mesh)
     micro = tc.batch_size // tc.grad_accum_steps
     if micro % dp or tc.batch_size % jax.process_count():
@@ -174,7 +182,7 @@ def check_batch(tc: TrainConfig, mesh: Mesh) -> None:
 def plan(graphdef: Any, model_state: nnx.State, cfg: Config, mesh: Mesh) -> Setup:
     """Shardings and the jitted step for a model state that may be abstract (jax.ShapeDtypeStruct
     leaves: nothing is allocated, e.g. to compile for a TPU slice this machine does not have)."""
-    check_batch(cfg.train, mesh)
+    check_layout(cfg, mesh)
     p_shard = param_shardings(model_state, mesh)
     tx = make_optimizer(cfg.train)
     p_abstract = jax.tree.map(
@@ -245,7 +253,7 @@ def prepare_run_dir(cfg: Config, tokenizer: Any, *, overwrite: bool) -> tuple[Pa
     out = Path(cfg.train.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{jax.process_index()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
