@@ -1,0 +1,86 @@
+"""`gpt2-flax compile`: the real train step compiled for TPU slices on this CPU (needs libtpu)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e '.[dev]' installs it on Linux x86_64)",
+)
+
+
+def _compile(config: str, topology: str, *overrides: str) -> tuple[int, dict]:
+    # A subprocess: TPU topology devices live beside the 8 fake CPU devices of the test process.
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpt2_flax.cli",
+            "compile",
+            "--config",
+            str(ROOT / config),
+            "--topology",
+            topology,
+            "--json",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+        timeout=600,
+    )
+    assert out.returncode in (0, 1), out.stderr[-3000:]
+    return out.returncode, json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("topology, devices", [("v5e:2x2", 4), ("v4:2x2x1", 8)])
+def test_tiny_config_compiles(topology: str, devices: int) -> None:
+    code, r = _compile("configs/tiny.yaml", topology)
+    assert code == 0 and r["fits"]
+    assert r["n_devices"] == devices and r["mesh"]["data"] == devices
+    assert 0 < r["total_bytes"] < r["hbm_bytes"]
+    assert r["compiler_flops"] > 0 and r["tokens_per_s_60"] > r["tokens_per_s_40"] > 0
+
+
+@pytest.mark.parametrize("topology, kind", [("v5e:2x4", "TPU v5 lite"), ("v4:2x2x1", "TPU v4")])
+def test_gpt2_124m_fits(topology: str, kind: str) -> None:
+    code, r = _compile("configs/gpt2-124m.yaml", topology)
+    assert code == 0 and r["fits"] and r["device_kind"] == kind
+    assert 120e6 < r["n_params"] < 130e6  # 124M + vocab padding 50257 -> 50304
+    assert r["argument_bytes"] > r["n_params"] * 12 / r["n_devices"]  # params + 2 Adam moments, fp32
+
+
+def test_too_big_reports_does_not_fit() -> None:
+    # One microbatch of 512 x 1024 tokens without remat needs far more than a 16 GiB v5e chip.
+    code, r = _compile(
+        "configs/gpt2-124m.yaml", "v5e:2x4", "--train.grad_accum_steps=1", "--model.remat=none"
+    )
+    assert code == 1 and not r["fits"] and r["total_bytes"] > r["hbm_bytes"]
+
+
+def test_unknown_topology_is_a_clear_error() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpt2_flax.cli",
+            "compile",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--topology",
+            "v99:1x1",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert out.returncode == 2 and "v99:1x1" in out.stderr
