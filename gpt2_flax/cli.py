@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from gpt2_flax.api import run_training
     from gpt2_flax.sharding import maybe_initialize
 
-    maybe_initialize(args.coordinator, args.num_processes, args.process_id)
+    maybe_initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     cfg = resolve_config(args, extra)
     run_training(cfg, overwrite=args.overwrite, progress=not args.no_progress, samples=args.samples)
     return 0
@@ -165,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)"
     )
     t.add_argument("--samples", type=int, default=3, help="samples printed after training (default 3)")
-    t.add_argument("--coordinator", help="multi-host: coordinator host:port (automatic on Cloud TPU VMs)")
+    t.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host TPU slice: start jax.distributed, peers found from the TPU metadata",
+    )
+    t.add_argument("--coordinator", help="multi-host elsewhere: coordinator host:port")
     t.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     t.add_argument("--process-id", type=int, help="multi-host: this process's index")
     t.set_defaults(func=cmd_train)

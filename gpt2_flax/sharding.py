@@ -140,15 +140,16 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def maybe_initialize(
-    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    auto: bool = False,
 ) -> None:
-    """Starts jax.distributed for multi-host runs. Cloud TPU VMs need no arguments (the TPU metadata
-    names the peers); elsewhere pass the coordinator host:port, process count and this process's id."""
-    import os
-
-    if coordinator or num_processes:
+    """Starts jax.distributed for multi-host runs. On Cloud TPU VMs `auto` needs no more (the TPU
+    metadata names the peers); elsewhere pass the coordinator host:port, process count and id."""
+    if coordinator or num_processes or process_id is not None:
         if coordinator is None or num_processes is None or process_id is None:
             raise ConfigError("multi-host needs --coordinator, --num-processes and --process-id together")
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice
+    elif auto:
         jax.distributed.initialize()

@@ -339,7 +339,8 @@ def test_launch_on_all_workers_of_a_multi_host_slice(gc):
     result = gc.run("launch", *args)
     assert result.returncode == 0, result.stderr
     data = 'mkdir -p gpt2_flax_data; gcloud storage cp --no-clobber "gs://bkt/d/*.txt" gpt2_flax_data/; '
-    train = "--data.files=gpt2_flax_data --train.output_dir=gs://bkt/run "
+    # Multi-host: --distributed starts jax.distributed from the TPU metadata.
+    train = "--distributed --data.files=gpt2_flax_data --train.output_dir=gs://bkt/run "
     train += "--train.num_steps=100 --train.learning_rate=3e-4"
     assert gc.calls == [
         scp(str(gc.config), "gpt2_flax_config.yaml"),

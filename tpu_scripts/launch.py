@@ -59,6 +59,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def train_command(args: argparse.Namespace) -> list[str]:
     cmd = [f"{common.REMOTE_VENV}/bin/gpt2-flax", "train", "--config", common.REMOTE_CONFIG]
+    if common.hosts(args.accel_type) > 1:
+        # jax.distributed.initialize() with no arguments: the TPU metadata names the peer hosts.
+        cmd.append("--distributed")
     if args.data_files:
         # The trainer reads local files only: gs:// data is copied next to it first (see launch()).
         files = REMOTE_DATA if args.data_files.startswith("gs://") else args.data_files
