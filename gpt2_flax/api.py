@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from transformers import GPT2Config
@@ -77,6 +78,7 @@ class GPT2:
             )
         self.dtype, self.remat, self.vocab_multiple = dtype, remat, vocab_multiple
         self._sampler: tuple[Any, Any] | None = None  # (model, its jitted sampler)
+        self.stopped_early = False  # set by train: stopped by a signal or stop_at_step
         self.model = GPT2LMHeadModel(
             self.config,
             rngs=nnx.Rngs(seed),
@@ -157,7 +159,9 @@ class GPT2:
             progress=progress,
         )
         self.model = nnx.merge(result.graphdef, result.params)
-        self.save(output_dir, overwrite=overwrite)
+        if not result.stopped_early:  # a stopped run resumes later; the export is of final weights
+            self.save(output_dir, overwrite=overwrite)
+        self.stopped_early = result.stopped_early
         return result.history
 
     def save(self, target_folder: PathLike = "trained_model", overwrite: bool = False) -> Path:
@@ -283,8 +287,10 @@ def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True,
     )
     train_kwargs = dataclasses.asdict(cfg.train)
     ai.train(data, mesh=dataclasses.asdict(cfg.mesh), overwrite=overwrite, progress=progress, **train_kwargs)
+    if ai.stopped_early:  # preempted or stop_at_step: the checkpoint is written, the run resumes later
+        return ai
     print(f"gpt2-flax: training finished; PyTorch-ready model in {out}")
-    if samples:
+    if samples and jax.process_index() == 0:
         texts = ai.generate(
             n=samples,
             prompt=cfg.train.sample_prompt,

@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    from gpt2_flax.train import TrainingError
+    from gpt2_flax.checkpoint import TrainingError
 
     try:
         return args.func(args, extra)

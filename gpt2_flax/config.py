@@ -90,7 +90,10 @@ class TrainConfig:
     seed: int = 42  # parameters, data order and dropout all derive from it
     log_every: int = 10  # host sync, progress bar and metrics.jsonl line every N steps
     save_every: int = 1000  # checkpoint every N steps (and always at the end); 0 = only at the end
+    save_every_minutes: float = 0.0  # also checkpoint at the first log point after N minutes; 0 = off
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
+    keep_every: int = 0  # checkpoints at multiples of this step are kept forever too; 0 = none
+    stop_at_step: int | None = None  # stop (with a checkpoint) here, to resume later; None = num_steps
     generate_every: int = 0  # print a sample every N steps; 0 = never
     sample_prompt: str = ""
     output_dir: str = "trained_model"

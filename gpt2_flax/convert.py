@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 from flax import nnx
 from flax.nnx import traversals
 from transformers import GPT2Config
@@ -161,10 +162,10 @@ def read_weights(path: str | Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in sd.items()}
 
 
-def check_not_other_model(out_dir: Path, config: GPT2Config) -> None:
+def check_not_other_model(out_dir: Any, config: GPT2Config) -> None:
     """Refuses to write into a folder whose config.json describes a different architecture."""
-    existing = out_dir / "config.json"
-    if not existing.is_file():
+    existing = epath.Path(out_dir) / "config.json"
+    if not existing.exists():
         return
     try:
         old = json.loads(existing.read_text())
@@ -187,7 +188,7 @@ def export_pretrained(
 
     from gpt2_flax.tokenizer import save_transformers_tokenizer
 
-    out_dir = Path(out_dir)
+    out_dir = epath.Path(out_dir)
     config = model.config
     state_dict = to_hf_state_dict(model)  # a collective on multi-host runs: every process gathers
     if jax.process_index() != 0:  # only process 0 writes files
@@ -195,7 +196,9 @@ def export_pretrained(
     out_dir.mkdir(parents=True, exist_ok=True)
     if not overwrite:
         check_not_other_model(out_dir, config)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    remote = "://" in str(out_dir)
+    # Local: a temporary folder beside the target so each os.replace is an atomic rename.
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=None if remote else out_dir))
     try:
         _write_weights(state_dict, tmp)
         config = GPT2Config.from_dict(config.to_dict())
@@ -203,7 +206,10 @@ def export_pretrained(
         config.save_pretrained(tmp)
         save_transformers_tokenizer(tokenizer, tmp, model_max_length=config.n_positions)
         for f in sorted(tmp.iterdir()):
-            os.replace(f, out_dir / f.name)
+            if remote:  # object stores replace a whole object at once
+                epath.Path(f).copy(out_dir / f.name, overwrite=True)
+            else:
+                os.replace(f, out_dir / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

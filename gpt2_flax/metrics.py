@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from etils import epath
 from tqdm.auto import tqdm
 
 
@@ -35,7 +36,10 @@ class MetricsLogger:
         self.enabled = enabled
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
-        self.path = Path(output_dir) / "metrics.jsonl" if (output_dir and enabled) else None
+        self.path = epath.Path(output_dir) / "metrics.jsonl" if (output_dir and enabled) else None
+        # Object stores (gs://) cannot append: there the whole file is rewritten at each log point.
+        self._remote = self.path is not None and "://" in str(self.path)
+        self._lines = self.path.read_text().splitlines(True) if self._remote and self.path.exists() else []
         self._last_time = time.perf_counter()
         self._last_step = start_step
         self.bar = None
@@ -62,8 +66,11 @@ class MetricsLogger:
         record["model_tflops_per_s"] = self.flops_per_step * steps / dt / 1e12
         if not self.enabled:
             return record
-        if self.path is not None:
-            with self.path.open("a") as f:
+        if self.path is not None and self._remote:
+            self._lines.append(json.dumps(record) + "\n")
+            self.path.write_text("".join(self._lines))
+        elif self.path is not None:
+            with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.bar is not None:
             self.bar.set_postfix(

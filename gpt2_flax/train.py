@@ -8,12 +8,10 @@ host every ``log_every`` steps: every ``float(x)`` is a device sync.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,10 +21,11 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from gpt2_flax.checkpoint import Checkpointer
+from gpt2_flax.checkpoint import Checkpointer, TrainingError, open_run_dir, state_bytes, trim_metrics
 from gpt2_flax.config import Config, ConfigError, TrainConfig
 from gpt2_flax.metrics import MetricsLogger, flops_per_token
 from gpt2_flax.model import GPT2LMHeadModel, count_params
+from gpt2_flax.preemption import StopRequest
 from gpt2_flax.sharding import (
     batch_sharding,
     data_parallel_size,
@@ -35,11 +34,6 @@ from gpt2_flax.sharding import (
     param_shardings,
     replicated,
 )
-from gpt2_flax.tokenizer import tokenizer_fingerprint
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (NaN loss, a run directory that belongs to another model...)."""
 
 
 @struct.dataclass
@@ -240,43 +234,7 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------- the run directory
-
-
-def _run_identity(cfg: Config, tokenizer_fingerprint: str) -> dict[str, Any]:
-    # What a resumed run must share with the checkpoint: the model and the tokenizer.
-    return {"model": cfg.to_dict()["model"], "tokenizer_fingerprint": tokenizer_fingerprint}
-
-
-def prepare_run_dir(cfg: Config, tokenizer: Any, *, overwrite: bool) -> tuple[Path, Checkpointer]:
-    """Checks the output folder before the first step: writable, and not another model's run."""
-    out = Path(cfg.train.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{jax.process_index()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise TrainingError(f"cannot write to output_dir {out}: {e}; choose a writable folder") from e
-    run_file = out / "run.json"
-    ident = _run_identity(cfg, tokenizer_fingerprint(tokenizer))
-    if run_file.is_file() and (out / "checkpoints").is_dir() and not overwrite:
-        old = json.loads(run_file.read_text())
-        if _run_identity_from(old) != ident:
-            raise TrainingError(
-                f"{out} holds the checkpoints of another model or tokenizer; choose another "
-                "output_dir, or pass overwrite=True (CLI: --overwrite) to replace that run"
-            )
-    elif overwrite and (out / "checkpoints").exists() and jax.process_index() == 0:
-        shutil.rmtree(out / "checkpoints")
-    if jax.process_index() == 0:
-        run_file.write_text(json.dumps({**ident, "config": cfg.to_dict()}, indent=2, sort_keys=True))
-        (out / "run_tokenizer.json").write_text(tokenizer.to_str())
-    return out, Checkpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
-
-
-def _run_identity_from(saved: dict[str, Any]) -> dict[str, Any]:
-    return {"model": saved.get("model"), "tokenizer_fingerprint": saved.get("tokenizer_fingerprint")}
+# ----------------------------------------------------------------------------- the loop
 
 
 def maybe_resume(setup: Setup, ckpt: Checkpointer, num_steps: int) -> int:
@@ -297,15 +255,13 @@ def maybe_resume(setup: Setup, ckpt: Checkpointer, num_steps: int) -> int:
     return latest
 
 
-# ----------------------------------------------------------------------------- the loop
-
-
 @dataclass
 class FitResult:
     params: dict[str, Any]
     graphdef: Any
     final_step: int
     history: list[dict[str, Any]]
+    stopped_early: bool  # by a signal or stop_at_step: resume with the same output_dir
 
 
 def fit(
@@ -320,57 +276,113 @@ def fit(
 ) -> FitResult:
     """Trains `model` on `dataset` for cfg.train.num_steps, resuming from output_dir if it can."""
     tc = cfg.train
-    is_main = jax.process_index() == 0
-    out, ckpt = prepare_run_dir(cfg, tokenizer, overwrite=overwrite)
     setup = build(model, cfg)
-    start = maybe_resume(setup, ckpt, tc.num_steps)
-    tokens_per_step = tc.batch_size * dataset.block_size
-    n_params = count_params(model)
-    flops = flops_per_token(n_params, model.config.n_layer, model.config.n_embd, dataset.block_size)
-    logger = MetricsLogger(
-        out, tc.num_steps, start, tokens_per_step, flops * tokens_per_step, enabled=is_main, progress=progress
+    out = open_run_dir(
+        cfg, tokenizer, overwrite=overwrite, checkpoint_bytes=state_bytes(setup.abstract_state)
     )
-    if start:
-        logger.write(f"gpt2-flax: resuming from checkpoint step {start} in {ckpt.directory}")
+    ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
+    try:
+        start = maybe_resume(setup, ckpt, tc.num_steps)
+        trim_metrics(out, start)
+        tokens_per_step = tc.batch_size * dataset.block_size
+        flops = flops_per_token(
+            count_params(model), model.config.n_layer, model.config.n_embd, dataset.block_size
+        )
+        logger = MetricsLogger(
+            out,
+            tc.num_steps,
+            start,
+            tokens_per_step,
+            flops * tokens_per_step,
+            enabled=jax.process_index() == 0,
+            progress=progress,
+        )
+        if start:
+            logger.write(f"gpt2-flax: resuming from checkpoint step {start} in {ckpt.directory}")
+        with StopRequest() as stop:
+            history, stopped = _loop(setup, dataset, tc, start, ckpt, logger, stop, sample_fn)
+        final = int(jax.device_get(setup.state.step))
+        _save(ckpt, final, setup.state, tc.seed, force=True)
+        ckpt.wait()  # the last checkpoint is complete before we return (or the process exits)
+        if stopped:
+            logger.write(
+                f"gpt2-flax: stopped at step {final}; checkpoint written to {ckpt.directory}. "
+                "Run the same command (same output_dir) to resume."
+            )
+        logger.close()
+    finally:
+        ckpt.close()
+    return FitResult(setup.state.params, setup.graphdef, final, history, stopped)
+
+
+def _loop(
+    setup: Setup,
+    dataset: Any,
+    tc: TrainConfig,
+    start: int,
+    ckpt: Checkpointer,
+    logger: MetricsLogger,
+    stop: StopRequest,
+    sample_fn: Callable[[Any, int], str] | None,
+) -> tuple[list[dict[str, Any]], bool]:
+    """The step loop: feed, step, and every log_every steps one host sync. Returns (history, stopped)."""
     history: list[dict[str, Any]] = []
     pending: list[dict[str, jax.Array]] = []
     pidx, pcount = jax.process_index(), jax.process_count()
-    try:
-        for step in range(start, tc.num_steps):
-            local = dataset.get_batch(
-                step, tc.batch_size, seed=tc.seed, process_index=pidx, process_count=pcount
-            )
-            setup.state, metrics = setup.step_fn(setup.state, to_global(local, setup.mesh))
-            pending.append(metrics)  # device arrays: no sync until the log point
-            done = step + 1
-            if done % tc.log_every == 0 or done == tc.num_steps:
-                history.append(_log(logger, pending, done, setup.schedule))
-                pending = []
-            if tc.save_every and done % tc.save_every == 0 and done < tc.num_steps:
-                _save(ckpt, done, setup.state, tc.seed)
-            if sample_fn is not None and tc.generate_every and done % tc.generate_every == 0 and is_main:
-                logger.write(f"--- sample at step {done} ---\n{sample_fn(setup.state.params, done)}")
-        final = int(jax.device_get(setup.state.step))
-        _save(ckpt, final, setup.state, tc.seed, force=True)
-    finally:
-        ckpt.close()
-        logger.close()
-    return FitResult(setup.state.params, setup.graphdef, final, history)
+    end = min(tc.num_steps, tc.stop_at_step or tc.num_steps)
+    last_save = time.monotonic()
+    for step in range(start, end):
+        local = dataset.get_batch(step, tc.batch_size, seed=tc.seed, process_index=pidx, process_count=pcount)
+        setup.state, metrics = setup.step_fn(setup.state, to_global(local, setup.mesh))
+        pending.append(metrics)  # device arrays: no sync until the log point
+        done = step + 1
+        timed_save = False
+        if done % tc.log_every == 0 or done == end:
+            history.append(_log(logger, pending, done, setup.schedule))
+            pending = []
+            timed_save = _time_to_save(tc, last_save)
+        if done < end and (timed_save or (tc.save_every and done % tc.save_every == 0)):
+            _check_finite(pending, done)  # never checkpoint a NaN state
+            _save(ckpt, done, setup.state, tc.seed)
+            last_save = time.monotonic()
+        if sample_fn is not None and tc.generate_every and done % tc.generate_every == 0 and pidx == 0:
+            logger.write(f"--- sample at step {done} ---\n{sample_fn(setup.state.params, done)}")
+        if done < end and stop.should_stop(done):
+            _check_finite(pending, done)
+            return history, True
+    return history, end < tc.num_steps
+
+
+def _time_to_save(tc: TrainConfig, last_save: float) -> bool:
+    """Minutes-based saves, decided by process 0 so that every host saves at the same step."""
+    if not tc.save_every_minutes:
+        return False
+    due = time.monotonic() - last_save >= 60 * tc.save_every_minutes
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+    return due
 
 
 def _save(ckpt: Checkpointer, step: int, state: TrainState, seed: int, force: bool = False) -> None:
     ckpt.save(step, state.params, state.opt_state, {"seed": seed}, force=force)
 
 
+def _check_finite(pending: list[dict[str, jax.Array]], step: int) -> None:
+    losses = [float(m["loss"]) for m in jax.device_get(pending)]
+    if not all(math.isfinite(x) for x in losses):
+        raise TrainingError(
+            f"loss became {losses[-1]} by step {step}; the last good checkpoint is kept. "
+            "Lower the learning rate or check the data."
+        )
+
+
 def _log(
     logger: MetricsLogger, pending: list[dict[str, jax.Array]], step: int, schedule: Any
 ) -> dict[str, Any]:
     host = jax.device_get(pending)  # the one sync per log interval
+    _check_finite(host, step)
     metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-    if not math.isfinite(metrics["loss"]):
-        raise TrainingError(
-            f"loss became {metrics['loss']} by step {step}; the last good checkpoint is kept. "
-            "Lower the learning rate or check the data."
-        )
     metrics["learning_rate"] = float(schedule(step - 1))
     return logger.log(step, metrics)

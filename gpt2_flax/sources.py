@@ -1,0 +1,527 @@
+"""Reading training text: sources, text hygiene, work items, and the `datasets.map` encoders.
+
+A source is a text file (one document), a CSV / JSONL / Parquet file (one document per row), a list of
+strings, or a `datasets.Dataset` (any `load_dataset` result; "hub:NAME[:CONFIG]" loads one by name).
+Text files are never copied into Arrow: one pass checks each file (binary? valid UTF-8? only whitespace?)
+and cuts it into ~1 MB byte ranges at line breaks; `datasets.map` workers read and encode their own
+ranges, so memory stays flat for any file size. Row sources go through `datasets.load_dataset("csv" |
+"json" | "parquet")` and are encoded in batches of ~1 MB of text. Each map call returns one row holding
+the token ids of its whole batch; data.py appends those rows to the token file.
+
+Hygiene: CRLF and lone CR become LF everywhere; invalid UTF-8 is an error naming the file and byte
+offset (encoding_errors="strict"), or becomes U+FFFD and is counted (encoding_errors="replace").
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt2_flax.tokenizer import resolve_files
+
+# GPT-2's pre-tokenizer regex can merge runs of whitespace across a line break ("\s+(?!\S)"), but a
+# "\n" with non-whitespace on both sides is always a pre-token of its own, so cutting right after it
+# gives pieces that encode exactly like the whole document (checked for every Unicode code point).
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+_NEWLINE = re.compile(rb"\r\n|\r|\n")
+_KINDS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet"}
+BINARY_PROBE = 8192  # a NUL byte in a file's first 8 KB means it is not UTF-8 text
+_replaced = threading.local()  # U+FFFD inserted by the "gpt2_flax.replace" codec error handler
+
+
+def _replace_and_count(err: UnicodeError) -> tuple[str, int]:
+    _replaced.count = getattr(_replaced, "count", 0) + 1
+    return "\ufffd", err.end  # type: ignore[attr-defined]
+
+
+codecs.register_error("gpt2_flax.replace", _replace_and_count)
+
+
+def _errors(encoding_errors: str) -> str:
+    return "gpt2_flax.replace" if encoding_errors == "replace" else "strict"
+
+
+def normalize_newlines(text: str) -> str:
+    """CRLF and lone CR -> LF, so Windows and old-Mac copies of a text encode the same."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def iter_pieces(read: Callable[[int], str], source: str, chunk_chars: int, piece_chars: int) -> Iterator[str]:
+    """Yield one document's text as pieces of >= piece_chars chars that together encode like the whole.
+
+    `read(n)` returns up to n more characters ("" at the end). A document without a safe cut point
+    is held in memory until one appears (only pathological text, e.g. one very long line).
+    """
+    buf, pos, has_text = "", piece_chars, False  # pos: where the next cut search starts in buf
+    while data := read(chunk_chars):
+        has_text = has_text or not data.isspace()
+        buf += data
+        start = 0
+        while (match := _SAFE_CUT.search(buf, pos)) is not None:
+            yield buf[start : match.end()]
+            start, pos = match.end(), match.end() + piece_chars
+        # Nothing safe at or after pos except maybe a final "\n" that still needs its next char.
+        pos = max(pos, len(buf) - 1) - start
+        buf = buf[start:]
+    if not has_text:
+        raise ValueError(f"{source} is empty or contains only whitespace: remove it or add text to it.")
+    yield buf
+
+
+# ----------------------------------------------------------------------------- resolving sources
+
+
+@dataclass(eq=False)
+class Source:
+    kind: str  # "text" | "csv" | "json" | "parquet" | "texts" | "dataset"
+    name: str  # how messages name it: "Input file a.txt", "texts", "dataset <fingerprint>"
+    path: Path | None = None
+    data: Any = None  # the list of strings, or the datasets.Dataset
+
+    def identity(self) -> dict[str, Any]:
+        """What the encoded tokens depend on: path, size and mtime for files; content for the rest."""
+        if self.path is not None:
+            st = self.path.stat()
+            return {
+                "kind": self.kind,
+                "path": str(self.path.resolve()),
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+            }
+        if self.kind == "texts":
+            digest = hashlib.sha256()
+            for text in self.data:  # length-prefixed so ["ab", "c"] and ["a", "bc"] differ
+                data = text.encode("utf-8", "surrogatepass")
+                digest.update(len(data).to_bytes(8, "little") + data)
+            return {"kind": "texts", "texts_sha256": digest.hexdigest(), "num_texts": len(self.data)}
+        return {"kind": "dataset", "fingerprint": self.data._fingerprint, "num_rows": len(self.data)}
+
+
+def _dataset_source(obj: Any) -> Source:
+    name = type(obj).__name__
+    if name in ("DatasetDict", "IterableDatasetDict"):
+        raise ValueError(f"Got a {name} with splits {list(obj)}: pass one split, e.g. dataset['train'].")
+    if name != "Dataset":
+        raise ValueError(
+            f"Got a datasets {name}: streaming datasets cannot be cached; load it without streaming=True."
+        )
+    return Source("dataset", f"dataset {obj.info.dataset_name or obj._fingerprint!s}", data=obj)
+
+
+def _hub_source(spec: str) -> Source:
+    import datasets
+
+    name, _, config = spec.removeprefix("hub:").partition(":")
+    return _dataset_source(datasets.load_dataset(name, config or None, split="train"))
+
+
+def resolve_sources(file_or_files: Any, texts: str | Sequence[str] | None) -> list[Source]:
+    """Paths, folders, globs (text/.csv/.jsonl/.parquet by extension), datasets and `texts`, in order."""
+    single = isinstance(file_or_files, (str, Path)) or type(file_or_files).__module__.startswith("datasets")
+    items = [] if file_or_files is None else [file_or_files] if single else list(file_or_files)
+    if file_or_files is not None and not items:
+        resolve_files(items)  # raises its "No input files given" error
+    sources: list[Source] = []
+    for item in items:
+        if type(item).__module__.startswith("datasets"):
+            sources.append(_dataset_source(item))
+        elif isinstance(item, str) and item.startswith("hub:"):
+            sources.append(_hub_source(item))
+        else:
+            for path in resolve_files(item):
+                sources.append(Source(_KINDS.get(path.suffix.lower(), "text"), f"Input file {path}", path))
+    texts = [texts] if isinstance(texts, str) else list(texts or [])  # a bare string is one document
+    if texts:
+        sources.append(Source("texts", "texts", data=texts))
+    return sources
+
+
+def check_file(src: Source) -> None:
+    """Fail fast, before any encoding, on an empty or binary input file."""
+    assert src.path is not None
+    if src.path.stat().st_size == 0:
+        raise ValueError(f"{src.name} is empty or contains only whitespace: remove it or add text to it.")
+    if src.kind != "parquet":
+        with open(src.path, "rb") as f:
+            nul = f.read(BINARY_PROBE).find(b"\0")
+        if nul >= 0:
+            raise ValueError(
+                f"{src.name} looks like a binary file (NUL byte at offset {nul}), not UTF-8 text: remove it, "
+                "re-save it as UTF-8 if it is UTF-16 text, or name CSV/JSONL/Parquet files by extension."
+            )
+
+
+# ----------------------------------------------------------------------------- text files
+
+
+def _decode(decoder: codecs.IncrementalDecoder, block: bytes, offset: int, src: Source) -> str:
+    """Decode the file bytes that start at byte `offset` (b"" = end of file) with a clear error."""
+    pending = len(decoder.getstate()[0])
+    try:
+        return decoder.decode(block, final=not block)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{src.name} is not valid UTF-8 (byte offset {offset - pending + e.start}: {e.reason}): re-save "
+            "it as UTF-8, or pass encoding_errors='replace' to replace invalid bytes with U+FFFD."
+        ) from e
+
+
+def _surrounded(buf: bytes, start: int, end: int) -> bool:
+    """Whether the line break buf[start:end] has a non-whitespace character on each side."""
+    before = buf[max(0, start - 4) : start].decode("utf-8", "ignore")[-1:]
+    after = buf[end : end + 4].decode("utf-8", "ignore")[:1]
+    return bool(before) and bool(after) and not before.isspace() and not after.isspace()
+
+
+def scan_text_file(src: Source, every: int, lines: bool, encoding_errors: str) -> tuple[list[int], int, int]:
+    """Check one text file and cut it into work items; returns (start offsets, file size, U+FFFD count).
+
+    A cut is right after a line break, at the first suitable break >= `every` bytes after the previous
+    cut: any break when lines=True, else only one with non-whitespace on both sides, so the ranges
+    encode exactly like the whole file. Memory: one block of `every` bytes.
+    """
+    assert src.path is not None
+    decoder = codecs.getincrementaldecoder("utf-8")(_errors(encoding_errors))
+    _replaced.count = 0
+    cuts, has_text, search = [0], False, every  # search: file offset where the next break may start
+    buf, base = b"", 0  # buf holds the file's bytes [base, base + len(buf))
+    with open(src.path, "rb") as f:
+        while True:
+            block = f.read(min(max(every, 16), 1 << 20))
+            text = _decode(decoder, block, base + len(buf), src)
+            has_text = has_text or (bool(text) and not text.isspace())
+            buf += block
+            while (m := _NEWLINE.search(buf, max(search - base, 0))) is not None:
+                start, end = m.span()
+                if end + 4 > len(buf) and block:  # the next character may still be incomplete
+                    search = base + start
+                    break
+                if end < len(buf) and (lines or _surrounded(buf, start, end)):
+                    cuts.append(base + end)
+                    search = base + end + every
+                else:
+                    search = base + end
+            else:
+                search = max(search, base + len(buf))
+            drop = max(0, min(search - base, len(buf)) - 4)  # keep 4 bytes before the search point
+            buf, base = buf[drop:], base + drop
+            if not block:
+                break
+    if not has_text:
+        raise ValueError(f"{src.name} is empty or contains only whitespace: remove it or add text to it.")
+    return cuts, base + len(buf), _replaced.count
+
+
+def read_range(path: str, start: int, end: int, encoding_errors: str) -> str:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return normalize_newlines(f.read(end - start).decode("utf-8", _errors(encoding_errors)))
+
+
+# ----------------------------------------------------------------------------- rows: CSV, JSONL, Parquet, ...
+
+
+def _pick_column(names: list[str], text_column: str | int | None, where: str, fix: str) -> str:
+    if isinstance(text_column, int):
+        if not 0 <= text_column < len(names):
+            raise ValueError(
+                f"{where} has {len(names)} column(s), so text_column={text_column} is out of range."
+            )
+        return names[text_column]
+    if text_column is None and "text" not in names and len(names) == 1:
+        return names[0]
+    column = "text" if text_column is None else text_column
+    if column not in names:
+        raise ValueError(f"{where} has no column {column!r} (its columns: {names}): {fix}")
+    return column
+
+
+def row_column(src: Source, text_column: str | int | None, header: bool) -> str:
+    """The name of the column holding the text, checked in every file; a clear error when missing."""
+    fix = "pass text_column= naming the column that holds the text."
+    if src.kind == "csv":
+        assert src.path is not None
+        with open(src.path, newline="", encoding="utf-8", errors="replace") as f:
+            first = next(csv.reader(f), [])
+        if header:
+            return _pick_column(
+                first, text_column, f"CSV file {src.path}", fix + " Use header=False if it has no header row."
+            )
+        if isinstance(text_column, str):
+            raise ValueError(
+                f"CSV file {src.path}: with header=False columns have no names; pass text_column=<index>."
+            )
+        return str(
+            _pick_column([str(i) for i in range(len(first))], text_column or 0, f"CSV file {src.path}", fix)
+        )
+    if src.kind == "json":
+        assert src.path is not None
+        with open(src.path, encoding="utf-8", errors="replace") as f:
+            line = next((ln for ln in f if ln.strip()), "")
+        try:
+            record = json.loads(line)
+        except ValueError:  # a JSON array file: datasets parses it; the column is checked after loading
+            return "text" if text_column is None else str(text_column)
+        names = list(record) if isinstance(record, dict) else []
+        return _pick_column(
+            names, "text" if text_column is None else text_column, f"JSONL file {src.path}", fix
+        )
+    if src.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return _pick_column(pq.read_schema(src.path).names, text_column, f"Parquet file {src.path}", fix)
+    names = ["text"] if src.kind == "texts" else list(src.data.column_names)
+    return _pick_column(names, text_column, src.name, fix)
+
+
+def load_rows(
+    kind: str, group: list[Source], column: str, header: bool, encoding_errors: str, cache: Path
+) -> Any:
+    """A `datasets.Dataset` of the group's rows holding only the text column (Arrow files under cache)."""
+    import datasets
+
+    if kind in ("texts", "dataset"):
+        ds = datasets.Dataset.from_dict({"text": group[0].data}) if kind == "texts" else group[0].data
+        return ds.select_columns([column])
+    kw: dict[str, Any] = {}
+    if kind == "csv":  # read the column as text: "007" stays "007", "NA" stays "NA", "" stays ""
+        kw = {"usecols": [column] if header else [int(column)], "keep_default_na": False, "na_filter": False}
+        kw.update(
+            header=0 if header else None, names=None if header else [column], encoding_errors=encoding_errors
+        )
+        kw["features"] = datasets.Features({column: datasets.Value("string")})
+    elif kind == "json" and encoding_errors == "replace":
+        kw = {"encoding_errors": "replace"}
+    elif kind == "parquet":
+        kw = {"columns": [column]}
+    files = [str(s.path) for s in group]
+    try:
+        ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=str(cache), **kw)
+    except ValueError as e:
+        if "corresponds to no data" in str(e):  # datasets' message for zero rows
+            raise ValueError(f"{group[0].name} holds no text (no rows): add rows or remove it.") from e
+        raise
+    if column not in ds.column_names:
+        raise ValueError(f"{group[0].name} has no column {column!r} (its columns: {ds.column_names}).")
+    return ds.select_columns([column])
+
+
+# ----------------------------------------------------------------------------- datasets.map encoders
+
+
+@dataclass
+class EncodeSettings:
+    tok: Any  # tokenizers.Tokenizer without truncation/padding
+    encode: Callable[[Any, list[str], np.dtype], list[np.ndarray]]  # texts -> token ids, one array each
+    dtype: np.dtype
+    eos: int
+    lines: bool  # line_by_line: every line/row is a document wrapped as EOS text EOS
+    encoding_errors: str
+    piece_chars: int
+
+
+def _encode_texts(texts: list[str], ends: list[bool], s: EncodeSettings) -> dict[str, list[Any]]:
+    """Encode each text exactly as a whole (long ones in safe pieces) -> one output row.
+
+    EOS follows every text whose `ends` flag is set; in line_by_line mode every text is a document
+    and gets an EOS before it too, and its length (EOS included) goes into "lengths".
+    """
+    pieces: list[str] = []
+    owners: list[int] = []
+    for i, text in enumerate(texts):
+        long = len(text) > 2 * s.piece_chars and not text.isspace()
+        parts = list(iter_pieces(io.StringIO(text).read, "", len(text), s.piece_chars)) if long else [text]
+        pieces += parts
+        owners += [i] * len(parts)
+    encoded = s.encode(s.tok, pieces, s.dtype)
+    per_text: list[list[np.ndarray]] = [[] for _ in texts]
+    for owner, ids in zip(owners, encoded, strict=True):
+        per_text[owner].append(ids)
+    eos = np.array([s.eos], s.dtype)
+    out: list[np.ndarray] = []
+    lengths: list[int] = []
+    for parts, end in zip(per_text, ends, strict=True):
+        parts = [eos, *parts, eos] if s.lines else [*parts, eos] if end else parts
+        out += parts
+        lengths += [sum(p.size for p in parts)] if s.lines else []
+    ids = np.concatenate(out) if out else np.empty(0, s.dtype)
+    return {"ids": [ids], "lengths": [np.asarray(lengths, np.int64)], "docs": [sum(ends)]}
+
+
+def encode_text_items(batch: dict[str, list[Any]], s: EncodeSettings) -> dict[str, list[Any]]:
+    """map fn over text work items (path, start, end, doc_end): read the byte ranges and encode them."""
+    texts, ends = [], []
+    for path, start, end, doc_end in zip(
+        batch["path"], batch["start"], batch["end"], batch["doc_end"], strict=True
+    ):
+        text = read_range(path, start, end, s.encoding_errors)
+        if s.lines:
+            docs = [line for line in text.split("\n") if line and not line.isspace()]  # blank lines skipped
+            texts += docs
+            ends += [True] * len(docs)
+        else:
+            texts.append(text)
+            ends.append(doc_end)
+    return _encode_texts(texts, ends, s)
+
+
+def encode_rows(values: list[Any], s: EncodeSettings, name: str, column: str) -> dict[str, list[Any]]:
+    """map fn over a text column: every non-blank row is one document."""
+    docs = []
+    for value in values:
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ValueError(
+                f"{name}: column {column!r} holds {type(value).__name__} values, not text: pass text_column= "
+                "naming a text column."
+            )
+        if value and not value.isspace():
+            docs.append(normalize_newlines(value))
+    return _encode_texts(docs, [True] * len(docs), s)
+
+
+# ----------------------------------------------------------------------------- the encoding pass
+
+
+@dataclass
+class EncodeOptions:
+    text_column: str | int | None = None  # CSV / JSONL / Parquet / dataset column holding the text
+    header: bool = True  # CSV files start with a header row
+    num_proc: int = 1  # datasets.map worker processes; 1 = in-process (the tokenizer still uses all cores)
+    progress: bool = False  # datasets' progress bars
+    chunk_chars: int = 1 << 20  # text per work item / per map batch
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.enable_progress_bars() if enabled else datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.disable_progress_bars() if was_disabled else datasets.enable_progress_bars()
+
+
+def _groups(sources: list[Source], columns: list[str | None]) -> Iterator[tuple[list[Source], str | None]]:
+    """Consecutive files of one kind (and text column) form one group; lists and datasets stand alone."""
+    group: list[Source] = []
+    for i, src in enumerate(sources):
+        group.append(src)
+        nxt = sources[i + 1] if i + 1 < len(sources) else None
+        if nxt is None or src.path is None or (nxt.kind, columns[i + 1]) != (src.kind, columns[i]):
+            yield group, columns[i]
+            group = []
+
+
+def _text_items(group: list[Source], s: EncodeSettings, opts: EncodeOptions, counts: dict[str, int]) -> Any:
+    import datasets
+
+    rows: dict[str, list[Any]] = {"path": [], "start": [], "end": [], "doc_end": []}
+    for src in group:
+        cuts, size, replaced = scan_text_file(src, opts.chunk_chars, s.lines, s.encoding_errors)
+        counts["replaced"] += replaced
+        rows["path"] += [str(src.path)] * len(cuts)
+        rows["start"] += cuts
+        rows["end"] += [*cuts[1:], size]
+        rows["doc_end"] += [False] * (len(cuts) - 1) + [True]
+    return datasets.Dataset.from_dict(rows)
+
+
+def _append_output(result: Any, tokens: io.BufferedWriter, lengths: io.BufferedWriter) -> tuple[int, int]:
+    """Append map output rows to the token and length files; returns (tokens, documents) appended."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    num_tokens = docs = 0
+    for cache_file in result.cache_files:  # one Arrow stream file per worker, in row order
+        with pa.OSFile(cache_file["filename"]) as f:  # read, not memory-mapped: RSS stays flat
+            for batch in pa.ipc.open_stream(f):
+                ids = batch.column("ids").flatten().to_numpy()
+                ids.tofile(tokens)
+                batch.column("lengths").flatten().to_numpy().tofile(lengths)
+                num_tokens += ids.size
+                docs += pc.sum(batch.column("docs")).as_py() or 0
+        Path(cache_file["filename"]).unlink(missing_ok=True)
+    return num_tokens, docs
+
+
+def encode_stream(
+    sources: list[Source], workdir: Path, s: EncodeSettings, opts: EncodeOptions
+) -> dict[str, int]:
+    """Encode every source, in order, into workdir/tokens.bin (and document lengths into lengths.bin).
+
+    Every file is checked (empty, binary, UTF-8, text column) before anything is encoded. Returns
+    {"num_tokens", "num_documents", "replaced"}; scratch Arrow files stay in workdir.
+    """
+    import datasets
+
+    for src in sources:
+        if src.path is not None:
+            check_file(src)
+    columns = [
+        None if src.kind == "text" else row_column(src, opts.text_column, opts.header) for src in sources
+    ]
+    counts = {"num_tokens": 0, "num_documents": 0, "replaced": 0}
+    features = datasets.Features(
+        {
+            "ids": datasets.List(datasets.Value(s.dtype.name)),
+            "lengths": datasets.List(datasets.Value("int64")),
+            "docs": datasets.Value("int64"),
+        }
+    )
+    with open(workdir / "tokens.bin", "wb") as tokens, open(workdir / "lengths.bin", "wb") as lengths:
+        with _progress_bars(opts.progress):
+            for i, (group, column) in enumerate(_groups(sources, columns)):
+                name = group[0].name + (f" (+{len(group) - 1} more)" if len(group) > 1 else "")
+                if column is None:
+                    ds, fn, kw, cols = _text_items(group, s, opts, counts), encode_text_items, {}, None
+                else:
+                    if group[0].kind in ("csv", "json"):
+                        counts["replaced"] += sum(
+                            scan_text_file(f, 1 << 62, True, s.encoding_errors)[2] for f in group
+                        )
+                    ds = load_rows(
+                        group[0].kind, group, column, opts.header, s.encoding_errors, workdir / "hf"
+                    )
+                    fn, kw, cols = encode_rows, {"name": name, "column": column}, ds.column_names
+                size = ds.data.nbytes if column else sum(ds["end"]) - sum(ds["start"])
+                avg = max(1, size // max(1, len(ds)))  # bytes per row: map batches hold ~chunk_chars
+                nproc = min(opts.num_proc, len(ds))
+                result = ds.map(
+                    fn,
+                    batched=True,
+                    batch_size=int(np.clip(opts.chunk_chars // avg, 1, 10_000)),
+                    input_columns=cols,
+                    remove_columns=ds.column_names,
+                    fn_kwargs={"s": s, **kw},
+                    features=features,
+                    num_proc=nproc if nproc > 1 else None,  # None: in-process, tokenizer threads stay on
+                    cache_file_name=str(workdir / f"encoded{i}.arrow"),
+                    writer_batch_size=16,
+                    load_from_cache_file=False,
+                    new_fingerprint=hashlib.sha256(f"{workdir}/{i}".encode()).hexdigest()[:32],
+                    desc=f"Encoding {name}",
+                )
+                num_tokens, docs = _append_output(result, tokens, lengths)
+                if docs == 0:
+                    raise ValueError(
+                        f"{name} holds no text (only blank lines or rows): add text or remove it."
+                    )
+                counts["num_tokens"] += num_tokens
+                counts["num_documents"] += docs
+    return counts
