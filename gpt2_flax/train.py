@@ -128,7 +128,12 @@ def train_step(
     grads = jax.tree.map(lambda g: g / count, grads)  # mean over every counted token of the batch
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
+    # param_norm is also the NaN guard: it is finite only if every parameter is (see _check_finite).
+    metrics = {
+        "loss": loss_sum / count,
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+    }
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
@@ -370,12 +375,15 @@ def _save(ckpt: Checkpointer, step: int, state: TrainState, seed: int, force: bo
 
 
 def _check_finite(pending: list[dict[str, jax.Array]], step: int) -> None:
-    losses = [float(m["loss"]) for m in jax.device_get(pending)]
-    if not all(math.isfinite(x) for x in losses):
-        raise TrainingError(
-            f"loss became {losses[-1]} by step {step}; the last good checkpoint is kept. "
-            "Lower the learning rate or check the data."
-        )
+    """The loss of every pending step, and the parameters after it, must be finite: a step can
+    return a finite loss and still write inf/NaN parameters."""
+    for m in jax.device_get(pending):
+        bad = [k for k in ("loss", "param_norm") if not math.isfinite(float(m[k]))]
+        if bad:
+            raise TrainingError(
+                f"{' and '.join(bad)} became {float(m[bad[0]])} by step {step}; the last good checkpoint "
+                "is kept. Lower the learning rate or check the data."
+            )
 
 
 def _log(
