@@ -240,21 +240,26 @@ def _load_tokenizer(
 
 def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True, samples: int = 3) -> GPT2:
     """The CLI's train job: data -> tokenizer (trained if none is given) -> dataset -> GPT-2 -> export."""
-    from gpt2_flax.corpus import write_demo_corpus
+    from gpt2_flax.corpus import local_cache_dir, write_demo_corpus
     from gpt2_flax.data import TokenDataset
     from gpt2_flax.tokenizer import train_tokenizer
 
     out = Path(cfg.train.output_dir)
     files = list(cfg.data.files)
     if not files:
-        files = [str(write_demo_corpus(out / "demo_corpus.txt"))]
+        files = [str(write_demo_corpus(local_cache_dir() / "demo_corpus.txt"))]
         print(f"gpt2-flax: no --data given; training on Python standard-library docstrings ({files[0]})")
     d = cfg.data
     if d.tokenizer_file or d.vocab_file or d.merges_file:
         tokenizer = load_tokenizer(d.vocab_file, d.merges_file, d.tokenizer_file)
     else:
         vocab, merges = train_tokenizer(
-            files, vocab_size=cfg.model.vocab_size, min_frequency=d.min_frequency, save_path=out / "tokenizer"
+            files,
+            vocab_size=cfg.model.vocab_size,
+            min_frequency=d.min_frequency,
+            # Beside a local run; a gs:// run keeps it in the local cache (run_tokenizer.json and the
+            # export carry it to the bucket).
+            save_path=out / "tokenizer" if "://" not in str(out) else local_cache_dir() / "tokenizer",
         )
         tokenizer = load_tokenizer(vocab, merges)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)

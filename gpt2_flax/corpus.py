@@ -7,6 +7,7 @@ The sources are parsed, never imported (importing `antigravity` opens a browser,
 from __future__ import annotations
 
 import ast
+import os
 import sysconfig
 from pathlib import Path
 
@@ -42,6 +43,12 @@ def stdlib_docstrings(max_bytes: int = 4_000_000) -> str:
     if not parts:
         raise RuntimeError(f"found no docstrings under {root}; pass your own text with --data.files=...")
     return "\n\n".join(parts) + "\n"
+
+
+def local_cache_dir() -> Path:
+    """`$GPT2_FLAX_HOME` if set, else ~/.cache/gpt2_flax: local files a run may rebuild."""
+    env = os.environ.get("GPT2_FLAX_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gpt2_flax"
 
 
 def write_demo_corpus(path: str | Path, max_bytes: int = 4_000_000) -> Path:
