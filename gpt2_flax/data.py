@@ -409,6 +409,8 @@ class DocumentBlocks(Blocks):
 
     @staticmethod
     def _load_index(index_path: Path | None) -> tuple[Any, Any]:
+        if index_path is None:
+            return None, None
         try:
             rows = np.load(f"{index_path}.rows.npy", mmap_mode="r")  # written last: the commit marker
             return np.load(f"{index_path}.pieces.npy", mmap_mode="r"), rows
@@ -716,7 +718,7 @@ class TokenDataset(Blocks):
         if self.line_by_line:
             offsets = np.load(entry / "doc_offsets.npy", mmap_mode="r")
             train, val = _holdout(self.num_documents, validation_split, "documents")
-            stem = entry / f"pack-b{block_size}-{long_documents}-v{validation_split}"
+            stem = entry / f"pack1-b{block_size}-{long_documents}-v{validation_split}"  # 1: packing version
             args = (self.tokens, offsets, block_size)
             blocks: Blocks = DocumentBlocks(*args, train, long_documents, Path(f"{stem}-train"))
             if val is not None:

@@ -456,7 +456,8 @@ def _append_output(result: Any, tokens: io.BufferedWriter, lengths: io.BufferedW
                 batch.column("lengths").flatten().to_numpy().tofile(lengths)
                 num_tokens += ids.size
                 docs += pc.sum(batch.column("docs")).as_py() or 0
-        Path(cache_file["filename"]).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # Windows keeps mapped files; the folder is removed later
+            Path(cache_file["filename"]).unlink()
     return num_tokens, docs
 
 

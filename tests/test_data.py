@@ -240,3 +240,213 @@ def test_bad_inputs(tok: Tokenizer, tmp_path: Path, counting: PackedBlocks) -> N
         counting.iter_batches(8, process_count=3)  # raised eagerly, not at first next()
     with pytest.raises(ValueError, match=r"process_index=2 must be in \[0, 2\)"):
         counting.get_batch(0, 8, process_index=2, process_count=2)
+
+
+# ----------------------------------------------------------------------------- line_by_line packing
+
+
+def test_packed_rows_exact_layout() -> None:
+    from gpt2_flax.data import DocumentBlocks
+
+    tokens = np.arange(100, dtype=np.uint16)  # token i == i: a row shows where each token came from
+    blocks = DocumentBlocks(tokens, np.array([0, 3, 8, 10, 14]), block_size=8)  # docs of 3, 5, 2, 4
+    # Best fit in order: doc 0 -> row 0 (room 5); doc 1 (5) fills row 0; doc 2 -> row 1; doc 3 -> row 1.
+    assert blocks.num_blocks == 2
+    b = blocks._gather(np.array([0, 1]))
+    np.testing.assert_array_equal(b["input_ids"], [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 0, 0]])
+    np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 2, 2, 2, 2, 0, 0]])
+    np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 3, 0, 0]])
+    np.testing.assert_array_equal(b["labels"], [[1, 2, -1, 4, 5, 6, 7, -1], [9, -1, 11, 12, 13, -1, -1, -1]])
+    # Best fit, not next fit: a later short document fills an earlier row's gap.
+    later = DocumentBlocks(tokens, np.array([0, 6, 12, 14]), block_size=8)  # 6, 6, 2
+    np.testing.assert_array_equal(later._gather(np.array([0]))["input_ids"], [[0, 1, 2, 3, 4, 5, 12, 13]])
+
+
+def test_long_documents_split_or_truncate() -> None:
+    from gpt2_flax.data import DocumentBlocks, document_pieces
+
+    offsets = np.array([0, 12, 15])  # docs of 12 and 3 tokens, block_size 5
+    starts, lengths = document_pieces(offsets, None, 5, "split")
+    # Pieces overlap by one token, so each of the 11 next-token predictions is trained exactly once.
+    assert starts.tolist() == [0, 4, 8, 12] and lengths.tolist() == [5, 5, 4, 3]
+    starts, lengths = document_pieces(offsets, None, 5, "truncate")
+    assert starts.tolist() == [0, 12] and lengths.tolist() == [5, 3]
+    tokens = np.arange(20, dtype=np.uint16)
+    with pytest.warns(
+        UserWarning, match=r"1 of 2 documents are longer than block_size=5 .*longest: 12.*split"
+    ):
+        split = DocumentBlocks(tokens, offsets, 5, long_documents="split")
+    labels = split._gather(np.arange(split.num_blocks))["labels"]
+    trained = sorted(int(t) for t in labels[labels >= 0])
+    assert trained == [*range(1, 12), 13, 14]  # every prediction inside each document, once
+    with pytest.warns(UserWarning, match="truncated"):
+        assert DocumentBlocks(tokens, offsets, 5, long_documents="truncate").num_blocks == 2
+
+
+def test_packed_documents_never_attend_across(tok: Tokenizer) -> None:
+    """Changing one document of a packed row leaves the other documents' logits unchanged, and a
+    document's logits equal those it gets alone at the start of a row (positions restart at 0)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from gpt2_flax.data import DocumentBlocks
+    from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config
+
+    block = 16
+    model = GPT2LMHeadModel(
+        build_gpt2_config(tok.get_vocab_size(), max_length=block, n_embd=32, n_layer=2, n_head=4),
+        rngs=nnx.Rngs(0),
+    )
+    docs = [[0, 5, 9, 30, 0], [0, 44, 61, 0], [0, 7, 7, 7, 8, 0]]
+    tokens = np.array([t for d in docs for t in d], dtype=np.uint16)
+    offsets = np.cumsum([0] + [len(d) for d in docs])
+    row = DocumentBlocks(tokens, offsets, block)._gather(np.array([0]))
+    assert row["segment_ids"][0].tolist() == [1] * 5 + [2] * 4 + [3] * 6 + [0]
+
+    def logits(batch: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(
+            model(
+                jnp.asarray(batch["input_ids"]),
+                positions=jnp.asarray(batch["positions"]),
+                segment_ids=jnp.asarray(batch["segment_ids"]),
+            )
+        )
+
+    base = logits(row)
+    changed = {k: v.copy() for k, v in row.items()}
+    changed["input_ids"][0, 5:9] = [0, 100, 200, 0]  # rewrite document 2 only
+    out = logits(changed)
+    np.testing.assert_allclose(out[0, :5], base[0, :5], atol=1e-6)  # document 1: before it
+    np.testing.assert_allclose(out[0, 9:15], base[0, 9:15], atol=1e-6)  # document 3: after it
+    assert not np.allclose(out[0, 5:9], base[0, 5:9])
+    alone = DocumentBlocks(tokens[9:15], np.array([0, 6]), block)._gather(np.array([0]))
+    np.testing.assert_allclose(logits(alone)[0, :6], base[0, 9:15], atol=1e-5)
+
+
+def test_line_by_line_batches_resume_and_process_slices(tok: Tokenizer, tmp_path: Path) -> None:
+    texts = [tricky_text(s, lines=1).strip() or "x" for s in range(60)]
+    ds = TokenDataset(texts=texts, tokenizer=tok, block_size=24, cache_dir=tmp_path, line_by_line=True)
+    full = list(ds.iter_batches(4, seed=3, num_steps=8))
+    tail = list(ds.iter_batches(4, seed=3, start_step=5, num_steps=3))
+    for a, b in zip(full[5:], tail, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    parts = [ds.get_batch(6, 4, seed=3, process_index=p, process_count=2) for p in range(2)]
+    for key in full[6]:
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[6][key])
+    # One epoch of rows holds every document exactly once.
+    rows = ds._gather(np.arange(ds.num_blocks))
+    starts = rows["input_ids"][(rows["positions"] == 0) & (rows["segment_ids"] > 0)]
+    assert (starts == ds.eos_token_id).sum() == ds.num_documents == sum(1 for t in texts if t.strip())
+    assert int((rows["segment_ids"] > 0).sum()) == ds.num_tokens
+
+
+# ----------------------------------------------------------------------------- validation, mixing, prefetch
+
+
+def test_validation_split_is_disjoint_and_eval_batches_are_fixed(tok: Tokenizer, tmp_path: Path) -> None:
+    texts = [tricky_text(s) for s in range(4)]
+    full = TokenDataset(texts=texts, tokenizer=tok, block_size=8, cache_dir=tmp_path)
+    train = TokenDataset(texts=texts, tokenizer=tok, block_size=8, cache_dir=tmp_path, validation_split=0.1)
+    val = train.validation
+    assert val.num_blocks == round(0.1 * full.num_blocks)
+    train_ids, val_ids = set(train._blocks.block_ids.tolist()), set(val.block_ids.tolist())
+    assert not train_ids & val_ids and train_ids | val_ids == set(range(full.num_blocks))
+    # Training rows are windows of training blocks only.
+    samples = np.arange(3 * train.num_blocks)
+    blocks = train._blocks.block_ids[train.blocks_for(samples, seed=4)]
+    assert set(blocks.tolist()) == train_ids
+    np.testing.assert_array_equal(
+        train.get_batch(1, 8, seed=4)["input_ids"], full._gather(blocks[8:16])["input_ids"]
+    )
+    # eval_batches: every validation block once, in a fixed order, padded with labels -1.
+    batches = list(val.eval_batches(batch_size=8))
+    assert len(batches) == -(-val.num_blocks // 8)
+    labels = np.concatenate([b["labels"] for b in batches])
+    assert (labels[val.num_blocks :] == -1).all() and (labels[: val.num_blocks] >= 0).all()
+    firsts = np.concatenate([b["input_ids"] for b in batches])[: val.num_blocks]
+    np.testing.assert_array_equal(
+        np.sort(firsts, axis=0), np.sort(full._gather(val.block_ids)["input_ids"], axis=0)
+    )
+    again = list(val.eval_batches(batch_size=8, num_batches=1, process_index=1, process_count=2))
+    assert len(again) == 1
+    np.testing.assert_array_equal(again[0]["input_ids"], batches[0]["input_ids"][4:])
+    # line_by_line holds out whole documents.
+    docs = [f"doc {i}: " + tricky_text(i, lines=1).strip() for i in range(40)]
+    lines = TokenDataset(texts=docs, tokenizer=tok, block_size=64, cache_dir=tmp_path, line_by_line=True,
+                         validation_split=0.2)  # fmt: skip
+    starts = {int(s) for s in np.load(lines.cache_entry / "doc_offsets.npy")[:-1]}
+    train_docs = set(np.asarray(lines._blocks.piece_start).tolist()) & starts
+    val_docs = set(np.asarray(lines.validation.piece_start).tolist()) & starts
+    assert len(val_docs) == 8 and not train_docs & val_docs and train_docs | val_docs == starts
+
+
+def test_validation_files(tok: Tokenizer, tmp_path: Path) -> None:
+    (tmp_path / "val.txt").write_text(tricky_text(11), encoding="utf-8")
+    ds = TokenDataset(texts=[tricky_text(10)], tokenizer=tok, block_size=8, cache_dir=tmp_path / "c",
+                      validation_files=tmp_path / "val.txt")  # fmt: skip
+    assert ds.validation.tokens.tolist() == expected_tokens(tok, [tricky_text(11)])
+    assert next(ds.validation.eval_batches(4))["input_ids"].shape == (4, 8)
+
+
+def test_merge_weights_sampling_determinism_and_slices() -> None:
+    from gpt2_flax.data import merge_datasets
+
+    a = PackedBlocks(np.arange(401, dtype=np.uint16), block_size=4)  # tokens 0..400
+    b = PackedBlocks(np.arange(1000, 1041, dtype=np.uint16), block_size=4)  # 10 blocks: much smaller
+    mixed = merge_datasets([a, b], weights=[0.7, 0.3])
+    rows = np.concatenate([x["input_ids"][:, 0] for x in mixed.iter_batches(16, seed=1, num_steps=200)])
+    frac_b = float((rows >= 1000).mean())
+    assert abs(frac_b - 0.3) < 0.03  # 3200 rows: ~4 standard deviations
+    assert len(set(rows[rows >= 1000].tolist())) == 10  # sampled, not truncated: every block of b appears
+    np.testing.assert_array_equal(
+        mixed.get_batch(7, 16, seed=1)["input_ids"], mixed.get_batch(7, 16, seed=1)["input_ids"]
+    )
+    assert not np.array_equal(
+        mixed.get_batch(7, 16, seed=1)["input_ids"], mixed.get_batch(7, 16, seed=2)["input_ids"]
+    )
+    parts = [mixed.get_batch(7, 16, seed=1, process_index=p, process_count=4)["input_ids"] for p in range(4)]
+    np.testing.assert_array_equal(np.concatenate(parts), mixed.get_batch(7, 16, seed=1)["input_ids"])
+    equal = merge_datasets([a, b], equalize=True)
+    rows = np.concatenate([x["input_ids"][:, 0] for x in equal.iter_batches(16, num_steps=100)])
+    assert abs(float((rows >= 1000).mean()) - 0.5) < 0.05
+    with pytest.raises(ValueError, match="block sizes"):
+        merge_datasets([a, PackedBlocks(np.arange(50, dtype=np.uint16), block_size=3)])
+    with pytest.raises(ValueError, match="non-negative"):
+        merge_datasets([a, b], weights=[1.0, -1.0])
+
+
+def test_merge_line_by_line_with_concatenated(tok: Tokenizer, tmp_path: Path) -> None:
+    from gpt2_flax.data import merge_datasets
+
+    kw = {"tokenizer": tok, "block_size": 8, "cache_dir": tmp_path}
+    packed = TokenDataset(texts=[tricky_text(1)], validation_split=0.2, **kw)
+    lines = TokenDataset(texts=["a b", "c d"] * 5, line_by_line=True, validation_split=0.2, **kw)
+    mixed = merge_datasets([packed, lines], equalize=True)
+    assert mixed.tokenizer is tok and mixed.vocab_size == tok.get_vocab_size()
+    batch = mixed.get_batch(0, 32)
+    assert set(batch) == {"input_ids", "labels", "segment_ids", "positions"}
+    from_packed = (batch["segment_ids"] == 1).all(axis=1) & (batch["positions"][:, -1] == 7)
+    assert from_packed.any() and not from_packed.all()
+    assert len(list(mixed.validation.eval_batches(4, num_batches=3))) == 3
+
+
+def test_prefetch_matches_and_propagates_errors(counting: PackedBlocks) -> None:
+    from gpt2_flax.data import prefetch
+
+    plain = list(counting.iter_batches(4, seed=2, start_step=3, num_steps=20))
+    ahead = list(counting.iter_batches(4, seed=2, start_step=3, num_steps=20, prefetch=3))
+    for a, b in zip(plain, ahead, strict=True):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+
+    def broken():
+        yield 1
+        raise RuntimeError("bad row")
+
+    it = prefetch(broken(), depth=2)
+    assert next(it) == 1
+    with pytest.raises(RuntimeError, match="bad row"):
+        next(it)
+    endless = counting.iter_batches(4, prefetch=2)
+    next(endless)
+    endless.close()  # stops the background thread

@@ -1,0 +1,271 @@
+"""Reading and encoding sources: text hygiene, CSV / JSONL / Parquet / lists / datasets, line_by_line
+documents, the cache (reuse, invalidation, save/load, atomicity) and every bad input's error."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+import gpt2_flax.data as data
+from gpt2_flax.data import TokenDataset, encode_main
+from gpt2_flax.tokenizer import EOS, load_tokenizer, train_tokenizer
+
+LINES = ["the cat sat on a mat", "don't stop! héllo 日本語 🙂", "  indented line\twith tab", "x=1; 42"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    root = tmp_path_factory.mktemp("tok")
+    rng = random.Random(0)
+    text = "\n".join(" ".join(rng.choice(LINES).split()[: rng.randint(1, 6)]) for _ in range(400))
+    (root / "corpus.txt").write_text(text, encoding="utf-8")
+    train_tokenizer(root / "corpus.txt", vocab_size=400, save_path=root, prefix="tiny")
+    return load_tokenizer(tokenizer_file=root / "tiny.tokenizer.json")
+
+
+def ids(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def docs_layout(tok: Tokenizer, docs: list[str]) -> list[int]:
+    """line_by_line token file: <|endoftext|> doc <|endoftext|> for every document."""
+    eos = tok.token_to_id(EOS)
+    return [i for d in docs for i in [eos, *ids(tok, d), eos]]
+
+
+def concat_layout(tok: Tokenizer, docs: list[str]) -> list[int]:
+    return [i for d in docs for i in [*ids(tok, d), tok.token_to_id(EOS)]]
+
+
+def count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = data.encode_stream
+    monkeypatch.setattr(data, "encode_stream", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_line_by_line_text_file(tok: Tokenizer, tmp_path: Path) -> None:
+    src = tmp_path / "lines.txt"
+    src.write_bytes("the cat\r\n\r\n   \ndon't stop\rhéllo 日本語\n\t\nx=1; 42".encode())
+    ds = TokenDataset(src, tokenizer=tok, block_size=64, cache_dir=tmp_path / "c", line_by_line=True)
+    docs = ["the cat", "don't stop", "héllo 日本語", "x=1; 42"]  # CRLF / CR split lines, blanks skipped
+    assert ds.tokens.tolist() == docs_layout(tok, docs)
+    assert ds.num_documents == 4 and ds.line_by_line
+    np.testing.assert_array_equal(
+        np.load(ds.cache_entry / "doc_offsets.npy"), np.cumsum([0] + [len(ids(tok, d)) + 2 for d in docs])
+    )
+    batch = ds.get_batch(0, 2)
+    assert set(batch) == {"input_ids", "labels", "segment_ids", "positions"}
+    assert all(v.dtype == np.int32 and v.shape == (2, 64) for v in batch.values())
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX may be imported; the workers never use it
+@pytest.mark.parametrize("lines", [False, True])
+def test_chunked_reading_is_exact(tok: Tokenizer, tmp_path: Path, monkeypatch, lines: bool) -> None:
+    """Work items of a few bytes (cut at CRLF / CR / LF next to multi-byte and odd whitespace) encode
+    exactly like the whole file, in both modes and with two worker processes."""
+    rng = random.Random(3)
+    seps = ["\n", "\r\n", "\r", "\n\n", " \r\n", "\r\n\u3000", "\n\u00a0"]
+    words = ["日本語", "🙂x", "héllo", "a", "  b", "\tc", "42;"]
+    text = "".join(rng.choice(words) + rng.choice(seps) for _ in range(300)) + "end"
+    (tmp_path / "t.txt").write_bytes(text.encode("utf-8"))
+    normal = text.replace("\r\n", "\n").replace("\r", "\n")
+    if lines:
+        expected = docs_layout(tok, [ln for ln in normal.split("\n") if ln.strip()])
+    else:
+        expected = concat_layout(tok, [normal])
+    monkeypatch.setattr(data, "CHUNK_CHARS", 7)
+    monkeypatch.setattr(data, "PIECE_CHARS", 3)
+    for num_proc in (1, 2):
+        ds = TokenDataset(
+            tmp_path / "t.txt", tokenizer=tok, block_size=4, cache_dir=tmp_path / f"c{num_proc}",
+            line_by_line=lines, num_proc=num_proc,
+        )  # fmt: skip
+        assert ds.tokens.tolist() == expected, num_proc
+
+
+def test_csv_jsonl_parquet_lists_and_datasets(tok: Tokenizer, tmp_path: Path) -> None:
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kw = {"tokenizer": tok, "block_size": 8, "cache_dir": tmp_path / "c"}
+    (tmp_path / "a.csv").write_text(
+        'id,text\n1,"the cat, sat"\n2,"multi\r\nline"\n3,\n4,NA\n', encoding="utf-8"
+    )
+    docs = ["the cat, sat", "multi\nline", "NA"]  # empty row skipped; "NA" stays text
+    assert TokenDataset(tmp_path / "a.csv", line_by_line=True, **kw).tokens.tolist() == docs_layout(tok, docs)
+    assert TokenDataset(tmp_path / "a.csv", **kw).tokens.tolist() == concat_layout(tok, docs)
+    (tmp_path / "b.csv").write_text("7,héllo 日本語\n8,x=1; 42\n", encoding="utf-8")  # no header
+    got = TokenDataset(tmp_path / "b.csv", header=False, text_column=1, line_by_line=True, **kw)
+    assert got.tokens.tolist() == docs_layout(tok, ["héllo 日本語", "x=1; 42"])
+    (tmp_path / "c.jsonl").write_text(
+        '{"body": "the cat", "n": 1}\n\n{"body": "don\'t stop"}\n', encoding="utf-8"
+    )
+    got = TokenDataset(tmp_path / "c.jsonl", text_column="body", line_by_line=True, **kw)
+    assert got.tokens.tolist() == docs_layout(tok, ["the cat", "don't stop"])
+    pq.write_table(pa.table({"text": ["a mat", "42"], "n": [1, 2]}), tmp_path / "d.parquet")
+    assert TokenDataset(tmp_path / "d.parquet", line_by_line=True, **kw).tokens.tolist() == docs_layout(
+        tok, ["a mat", "42"]
+    )
+    texts = ["the cat\r\nsat", "  ", "héllo"]
+    assert TokenDataset(texts=texts, line_by_line=True, **kw).tokens.tolist() == docs_layout(
+        tok, ["the cat\nsat", "héllo"]
+    )
+    hf = datasets.Dataset.from_dict({"content": ["one cat", "two cats"]})
+    assert TokenDataset(hf, **kw).tokens.tolist() == concat_layout(tok, ["one cat", "two cats"])
+    # Several kinds at once keep their order: files as given, then texts.
+    (tmp_path / "e.txt").write_text("plain text\n", encoding="utf-8")
+    paths = [tmp_path / "d.parquet", tmp_path / "e.txt", tmp_path / "a.csv"]
+    mixed = TokenDataset(paths, texts=["end"], **kw)
+    assert mixed.tokens.tolist() == concat_layout(tok, ["a mat", "42", "plain text\n", *docs, "end"])
+    assert mixed.num_documents == 7
+
+
+def test_invalid_utf8_strict_names_offset_and_replace_counts(tok: Tokenizer, tmp_path: Path) -> None:
+    kw = {"tokenizer": tok, "block_size": 2, "cache_dir": tmp_path / "c"}
+    (tmp_path / "bad.txt").write_bytes(b"the cat\nsat \xff\xfe on\n")
+    with pytest.raises(
+        ValueError, match=r"bad.txt is not valid UTF-8 \(byte offset 12.*encoding_errors='replace'"
+    ):
+        TokenDataset(tmp_path / "bad.txt", **kw)
+    with pytest.warns(UserWarning, match=r"Replaced 2 invalid UTF-8 sequence"):
+        ds = TokenDataset(tmp_path / "bad.txt", encoding_errors="replace", **kw)
+    assert ds.tokens.tolist() == concat_layout(tok, ["the cat\nsat \ufffd\ufffd on\n"])
+    (tmp_path / "bad.csv").write_bytes(b"text\nok\nbad \xe9 row\n")
+    with pytest.raises(ValueError, match=r"bad.csv is not valid UTF-8 \(byte offset 12"):
+        TokenDataset(tmp_path / "bad.csv", **kw)
+    with pytest.warns(UserWarning, match=r"Replaced 1 invalid"):
+        ds = TokenDataset(tmp_path / "bad.csv", encoding_errors="replace", line_by_line=True, **kw)
+    assert ds.tokens.tolist() == docs_layout(tok, ["ok", "bad \ufffd row"])
+
+
+def test_cache_reuse_invalidation_save_and_load(tok: Tokenizer, tmp_path: Path, monkeypatch) -> None:
+    src = tmp_path / "a.jsonl"
+    src.write_text("\n".join(json.dumps({"text": line}) for line in LINES), encoding="utf-8")
+    kw = {"tokenizer": tok, "cache_dir": tmp_path / "c"}
+    first = TokenDataset(src, block_size=16, line_by_line=True, **kw)
+    calls = count_encodes(monkeypatch)
+    start = time.perf_counter()
+    again = TokenDataset(src, block_size=8, line_by_line=True, validation_split=0.25, **kw)
+    assert time.perf_counter() - start < 1.0  # no re-encoding for a new block_size / split
+    assert calls == [] and again.cache_entry == first.cache_entry
+    TokenDataset(src, block_size=8, **kw)  # concatenated mode: other tokens
+    assert calls == [1]
+    TokenDataset(src, block_size=8, line_by_line=True, encoding_errors="replace", **kw)
+    assert calls == [1, 1]
+    src.write_text(json.dumps({"text": "changed"}) + "\n", encoding="utf-8")
+    changed = TokenDataset(src, block_size=4, line_by_line=True, **kw)
+    assert calls == [1, 1, 1] and changed.tokens.tolist() == docs_layout(tok, ["changed"])
+
+    saved = first.save_cache(tmp_path / "saved")
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "doc_offsets.npy",
+        "meta.json",
+        "tokenizer.json",
+        "tokens.bin",
+    ]
+    loaded = TokenDataset.from_cache(saved, block_size=16)  # the tokenizer saved with it
+    assert loaded.tokens.tolist() == first.tokens.tolist() and loaded.line_by_line
+    for key, value in first.get_batch(3, 4, seed=1).items():
+        np.testing.assert_array_equal(loaded.get_batch(3, 4, seed=1)[key], value)
+    with pytest.raises(FileExistsError, match="saved already exists"):
+        first.save_cache(saved)
+    other = Tokenizer.from_str(tok.to_str())
+    other.add_tokens(["brand-new-token"])
+    with pytest.raises(ValueError, match=r"saved was encoded with another tokenizer.*re-encode"):
+        TokenDataset.from_cache(saved, tokenizer=other)
+    with pytest.raises(FileNotFoundError, match="is not a complete token cache"):
+        TokenDataset.from_cache(tmp_path / "nothing")
+
+
+def test_failure_mid_encode_leaves_no_cache(tok: Tokenizer, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "a.txt").write_text("\n".join(LINES * 5), encoding="utf-8")
+    (tmp_path / "b.csv").write_text("text\nlast row\n", encoding="utf-8")
+    files, cache = [tmp_path / "a.txt", tmp_path / "b.csv"], tmp_path / "c"
+    monkeypatch.setattr(data, "CHUNK_CHARS", 40)  # several work items, so it fails half-way
+    real, seen = data._encode_batch, []
+
+    def flaky(*args):
+        seen.append(1)
+        if len(seen) == 3:
+            raise OSError("disk full")
+        return real(*args)
+
+    monkeypatch.setattr(data, "_encode_batch", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        TokenDataset(files, tokenizer=tok, block_size=4, cache_dir=cache)
+    assert list(cache.iterdir()) == []  # no temporary or half-written files
+    monkeypatch.setattr(data, "_encode_batch", real)
+    calls = count_encodes(monkeypatch)
+    ds = TokenDataset(files, tokenizer=tok, block_size=4, cache_dir=cache)
+    assert calls == [1] and ds.tokens.tolist() == concat_layout(tok, ["\n".join(LINES * 5), "last row"])
+
+
+def test_bad_inputs(tok: Tokenizer, tmp_path: Path) -> None:
+    import datasets
+
+    kw = {"tokenizer": tok, "block_size": 4, "cache_dir": tmp_path / "c"}
+    with pytest.raises(FileNotFoundError, match="Glob '.*nothing-\\*.txt' matched no files"):
+        TokenDataset(str(tmp_path / "nothing-*.txt"), **kw)
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.csv is empty"):
+        TokenDataset(tmp_path / "empty.csv", **kw)
+    (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(ValueError, match=r"image.txt looks like a binary file \(NUL byte at offset 8\)"):
+        TokenDataset(tmp_path / "image.txt", **kw)
+    (tmp_path / "ok.txt").write_text("fine text here", encoding="utf-8")
+    with pytest.raises(ValueError, match="image.txt looks like a binary"):  # checked before any encoding
+        TokenDataset([tmp_path / "ok.txt", tmp_path / "image.txt"], **kw)
+    (tmp_path / "cols.csv").write_text("id,body\n1,hello\n", encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=r"CSV file .*cols.csv has no column 'text' \(its columns: \['id', 'body'\]\)"
+    ):
+        TokenDataset(tmp_path / "cols.csv", **kw)
+    with pytest.raises(ValueError, match=r"cols.csv has no column 'tweet'.*pass text_column="):
+        TokenDataset(tmp_path / "cols.csv", text_column="tweet", **kw)
+    with pytest.raises(ValueError, match="header=False columns have no names; pass text_column=<index>"):
+        TokenDataset(tmp_path / "cols.csv", header=False, text_column="body", **kw)
+    (tmp_path / "header_only.csv").write_text("text\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="header_only.csv holds no text"):
+        TokenDataset(tmp_path / "header_only.csv", **kw)
+    (tmp_path / "f.jsonl").write_text('{"content": "x"}\n', encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=r"JSONL file .*f.jsonl has no column 'text' \(its columns: \['content'\]\)"
+    ):
+        TokenDataset(tmp_path / "f.jsonl", **kw)
+    (tmp_path / "n.jsonl").write_text('{"text": 5}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="column 'text' holds int values, not text"):
+        TokenDataset(tmp_path / "n.jsonl", **kw)
+    two = datasets.Dataset.from_dict({"a": ["x"], "b": ["y"]})
+    with pytest.raises(ValueError, match=r"has no column 'text' \(its columns: \['a', 'b'\]\)"):
+        TokenDataset(two, **kw)
+    with pytest.raises(ValueError, match=r"pass one split, e.g. dataset\['train'\]"):
+        TokenDataset(datasets.DatasetDict({"train": two}), **kw)
+    with pytest.raises(ValueError, match="encoding_errors must be 'strict' or 'replace', got 'ignore'"):
+        TokenDataset(tmp_path / "ok.txt", encoding_errors="ignore", **kw)
+    with pytest.raises(ValueError, match=r"has only \d+ tokens.*use a smaller block_size or add more text"):
+        TokenDataset(tmp_path / "ok.txt", **{**kw, "block_size": 512})
+    with pytest.raises(ValueError, match=r"validation_split=0.9 of \d+ blocks leaves none for training"):
+        TokenDataset(tmp_path / "ok.txt", validation_split=0.9, **{**kw, "block_size": 3})
+    with pytest.raises(ValueError, match="not both"):
+        TokenDataset(tmp_path / "ok.txt", validation_split=0.1, validation_files=tmp_path / "ok.txt", **kw)
+
+
+def test_encode_main_builds_and_saves(tok: Tokenizer, tmp_path: Path) -> None:
+    (tmp_path / "tok.json").write_text(tok.to_str(), encoding="utf-8")
+    (tmp_path / "a.txt").write_text("\n".join(LINES), encoding="utf-8")
+    summary = encode_main(
+        tmp_path / "a.txt", tokenizer_file=tmp_path / "tok.json", cache_dir=tmp_path / "c",
+        output=tmp_path / "out", line_by_line=True, progress=False,
+    )  # fmt: skip
+    assert summary["num_documents"] == len(LINES) and summary["num_tokens"] > 0
+    assert Path(summary["cache"]).parent == tmp_path / "c" and summary["mb_per_s"] > 0
+    ds = TokenDataset.from_cache(summary["saved"], block_size=8)
+    assert ds.tokens.tolist() == docs_layout(tok, LINES)
