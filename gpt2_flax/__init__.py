@@ -2,23 +2,39 @@
 and hand it to PyTorch users.
 
     from gpt2_flax import train_tokenizer, TokenDataset, build_gpt2_config, GPT2
+
+Names are imported on first use: `import gpt2_flax` alone costs nothing, and the token encoder's
+worker processes do not pay for jax and transformers (about 380 MB of memory).
 """
 
-from gpt2_flax.api import GPT2, build_gpt2_config
-from gpt2_flax.config import Config, ConfigError, load_config
-from gpt2_flax.data import TokenDataset
-from gpt2_flax.model import GPT2LMHeadModel
-from gpt2_flax.tokenizer import load_tokenizer, train_tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "GPT2",
-    "Config",
-    "ConfigError",
-    "GPT2LMHeadModel",
-    "TokenDataset",
-    "build_gpt2_config",
-    "load_config",
-    "load_tokenizer",
-    "train_tokenizer",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GPT2": "gpt2_flax.api",
+    "build_gpt2_config": "gpt2_flax.model",
+    "GPT2LMHeadModel": "gpt2_flax.model",
+    "Config": "gpt2_flax.config",
+    "ConfigError": "gpt2_flax.config",
+    "load_config": "gpt2_flax.config",
+    "TokenDataset": "gpt2_flax.data",
+    "merge_datasets": "gpt2_flax.data",
+    "load_tokenizer": "gpt2_flax.tokenizer",
+    "train_tokenizer": "gpt2_flax.tokenizer",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gpt2_flax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

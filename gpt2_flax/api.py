@@ -238,39 +238,72 @@ def _load_tokenizer(
     return load_tokenizer(vocab_file, merges_file, tokenizer_file)
 
 
+def _run_tokenizer(cfg: Config, files: list[str]) -> Any:
+    """The tokenizer a CLI run uses: the configured one, the token cache's, or one trained on `files`."""
+    from gpt2_flax.corpus import local_cache_dir
+    from gpt2_flax.tokenizer import train_tokenizer
+
+    d, out = cfg.data, Path(cfg.train.output_dir)
+    if d.tokenizer_file or d.vocab_file or d.merges_file:
+        return load_tokenizer(d.vocab_file, d.merges_file, d.tokenizer_file)
+    if d.from_cache:
+        return load_tokenizer(tokenizer_file=Path(d.from_cache) / "tokenizer.json")
+    vocab, merges = train_tokenizer(
+        files,
+        vocab_size=cfg.model.vocab_size,
+        min_frequency=d.min_frequency,
+        # Beside a local run; a gs:// run keeps it in the local cache (run_tokenizer.json and the
+        # export carry it to the bucket).
+        save_path=out / "tokenizer" if "://" not in str(out) else local_cache_dir() / "tokenizer",
+    )
+    return load_tokenizer(vocab, merges)
+
+
+def _run_dataset(cfg: Config, files: list[str], tokenizer: Any) -> Any:
+    from gpt2_flax.data import TokenDataset
+
+    d = cfg.data
+    if d.from_cache:
+        return TokenDataset.from_cache(
+            d.from_cache,
+            tokenizer=tokenizer,
+            block_size=cfg.block_size,
+            long_documents=d.long_documents,
+            validation_split=d.validation_split,
+        )
+    return TokenDataset(
+        files,
+        tokenizer=tokenizer,
+        block_size=cfg.block_size,
+        cache_dir=d.cache_dir,
+        line_by_line=d.line_by_line,
+        text_column=d.text_column,
+        header=d.header,
+        long_documents=d.long_documents,
+        encoding_errors=d.encoding_errors,
+        validation_split=d.validation_split,
+        validation_files=list(d.validation_files) or None,
+        num_proc=d.num_proc,
+    )
+
+
 def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True, samples: int = 3) -> GPT2:
     """The CLI's train job: data -> tokenizer (trained if none is given) -> dataset -> GPT-2 -> export."""
     from gpt2_flax.corpus import local_cache_dir, write_demo_corpus
-    from gpt2_flax.data import TokenDataset
-    from gpt2_flax.tokenizer import train_tokenizer
 
     out = Path(cfg.train.output_dir)
     files = list(cfg.data.files)
-    if not files:
+    if not files and not cfg.data.from_cache:
         files = [str(write_demo_corpus(local_cache_dir() / "demo_corpus.txt"))]
         print(f"gpt2-flax: no --data given; training on Python standard-library docstrings ({files[0]})")
-    d = cfg.data
-    if d.tokenizer_file or d.vocab_file or d.merges_file:
-        tokenizer = load_tokenizer(d.vocab_file, d.merges_file, d.tokenizer_file)
-    else:
-        vocab, merges = train_tokenizer(
-            files,
-            vocab_size=cfg.model.vocab_size,
-            min_frequency=d.min_frequency,
-            # Beside a local run; a gs:// run keeps it in the local cache (run_tokenizer.json and the
-            # export carry it to the bucket).
-            save_path=out / "tokenizer" if "://" not in str(out) else local_cache_dir() / "tokenizer",
-        )
-        tokenizer = load_tokenizer(vocab, merges)
+    tokenizer = _run_tokenizer(cfg, files)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    if vocab_size != cfg.model.vocab_size and not (d.tokenizer_file or d.vocab_file):
+    trained_here = not (cfg.data.tokenizer_file or cfg.data.vocab_file or cfg.data.from_cache)
+    if vocab_size != cfg.model.vocab_size and trained_here:
         # A small corpus can run out of merges before the requested size: the model follows the tokenizer.
-        print(
-            f"gpt2-flax: the corpus gave {vocab_size} tokens (asked {cfg.model.vocab_size}); "
-            f"using {vocab_size}"
-        )
+        print(f"gpt2-flax: the corpus gave {vocab_size} tokens (asked {cfg.model.vocab_size}); using them")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
-    data = TokenDataset(files, tokenizer=tokenizer, block_size=cfg.block_size, cache_dir=d.cache_dir)
+    data = _run_dataset(cfg, files, tokenizer)
     m = cfg.model
     config = build_gpt2_config(
         m.vocab_size,

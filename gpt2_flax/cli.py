@@ -102,6 +102,32 @@ def cmd_train_tokenizer(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def cmd_encode(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from gpt2_flax.data import encode_main
+
+    if extra:
+        raise ConfigError(f"unrecognised arguments {list(extra)}")
+    column = int(args.text_column) if args.text_column and args.text_column.isdigit() else args.text_column
+    summary = encode_main(
+        args.files,
+        tokenizer_file=args.tokenizer_file,
+        vocab_file=args.vocab_file,
+        merges_file=args.merges_file,
+        cache_dir=args.cache_dir,
+        output=args.output,
+        line_by_line=args.line_by_line,
+        text_column=column,
+        header=not args.no_header,
+        encoding_errors=args.encoding_errors,
+        num_proc=args.num_proc,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(summary, default=str, indent=2))
+    if args.output:
+        print(f"train on it with: gpt2-flax train --data.from_cache={args.output} ...")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from gpt2_flax.api import GPT2
 
@@ -184,6 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix", default="gpt2_flax", help="file prefix: PREFIX-vocab.json ... (default gpt2_flax)"
     )
     k.set_defaults(func=cmd_train_tokenizer)
+
+    n = sub.add_parser("encode", help="tokenize a corpus once into a token cache (before training)")
+    n.add_argument("files", nargs="+", help="text/CSV/JSONL/Parquet files, folders or globs")
+    n.add_argument("--tokenizer-file", help="a tokenizer.json (or --vocab-file with --merges-file)")
+    n.add_argument("--vocab-file", help="a vocab.json (with --merges-file)")
+    n.add_argument("--merges-file", help="a merges.txt (with --vocab-file)")
+    n.add_argument("--cache-dir", help="cache folder (default ~/.cache/gpt2_flax/tokens or $GPT2_FLAX_CACHE)")
+    n.add_argument("--output", help="also save the cache here, for train --data.from_cache=OUTPUT")
+    n.add_argument("--line-by-line", action="store_true", help="each line/row/record is its own document")
+    n.add_argument("--text-column", help="CSV column (name or index) or JSONL field with the text")
+    n.add_argument("--no-header", action="store_true", help="CSV files have no header row")
+    n.add_argument(
+        "--encoding-errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="invalid UTF-8: an error naming file and offset (strict) or U+FFFD (replace)",
+    )
+    n.add_argument("--num-proc", type=int, default=1, help="encoding worker processes (default 1)")
+    n.add_argument("--no-progress", action="store_true", help="no progress bars")
+    n.set_defaults(func=cmd_encode)
 
     g = sub.add_parser("generate", help="sample text from an exported model folder")
     g.add_argument("--model-folder", required=True, help="folder written by train/export/save")

@@ -71,7 +71,17 @@ class DataConfig:
     vocab_file: str | None = None
     merges_file: str | None = None
     min_frequency: int = 2  # BPE merges must occur at least this often when training a tokenizer
-    cache_dir: str | None = None  # where encoded tokens are cached; None = ~/.cache/gpt2_flax
+    cache_dir: str | None = None  # where encoded tokens are cached; None = ~/.cache/gpt2_flax/tokens
+    # Each line / CSV row / JSONL record is its own document, packed without crossing (short texts).
+    line_by_line: bool = False
+    text_column: str | None = None  # the CSV column or JSONL field holding the text (default: "text")
+    header: bool = True  # CSV files have a header row
+    long_documents: str = "split"  # line_by_line documents longer than a block: split | truncate
+    encoding_errors: str = "strict"  # invalid UTF-8: strict (error naming file and offset) | replace
+    validation_split: float = 0.0  # fraction of the data held out for validation
+    validation_files: tuple[str, ...] = ()  # or separate validation files
+    num_proc: int = 1  # encoding worker processes
+    from_cache: str | None = None  # a token cache folder from `gpt2-flax encode --output` (no re-encoding)
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
     keep_every: int = 0  # checkpoints at multiples of this step are kept forever too; 0 = none
     stop_at_step: int | None = None  # stop (with a checkpoint) here, to resume later; None = num_steps
+    eval_every: int = 0  # validation loss every N steps (and at the end) if the data has a validation set
+    eval_batches: int = 0  # validation batches per evaluation; 0 = the whole validation set
     generate_every: int = 0  # print a sample every N steps; 0 = never
     sample_prompt: str = ""
     output_dir: str = "trained_model"

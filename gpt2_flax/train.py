@@ -137,9 +137,10 @@ def train_step(
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def eval_loss(graphdef: Any, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-    loss_sum, count = loss_sums(_forward(graphdef, params, batch, None), batch)
-    return loss_sum / jnp.maximum(count, 1.0)
+def eval_sums(graphdef: Any, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(loss sum, token count) of a batch without dropout: summed over batches, then divided, so a
+    padded last batch weighs exactly its real tokens."""
+    return loss_sums(_forward(graphdef, params, batch, None), batch)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -155,6 +156,7 @@ class Setup:
     state_shardings: TrainState
     abstract_state: TrainState  # ShapeDtypeStructs with shardings: the jit and Orbax restore target
     step_fn: Callable[..., Any]
+    eval_fn: Callable[..., Any]
     schedule: optax.Schedule
     tx: optax.GradientTransformation
 
@@ -219,7 +221,12 @@ def plan(graphdef: Any, model_state: nnx.State, cfg: Config, mesh: Mesh) -> Setu
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
     )
-    return Setup(mesh, graphdef, None, shardings, abstract, step_fn, lr_schedule(cfg.train), tx)
+    eval_fn = jax.jit(
+        in_mesh(functools.partial(eval_sums, graphdef), mesh),
+        in_shardings=(shardings.params, batch_sharding(mesh)),
+        out_shardings=replicated(mesh),
+    )
+    return Setup(mesh, graphdef, None, shardings, abstract, step_fn, eval_fn, lr_schedule(cfg.train), tx)
 
 
 def build(model: GPT2LMHeadModel, cfg: Config, mesh: Mesh | None = None) -> Setup:
@@ -305,7 +312,7 @@ def fit(
         if start:
             logger.write(f"gpt2-flax: resuming from checkpoint step {start} in {ckpt.directory}")
         with StopRequest() as stop:
-            history, stopped = _loop(setup, dataset, tc, start, ckpt, logger, stop, sample_fn)
+            history, stopped = _loop(_Run(setup, dataset, tc, ckpt, logger, stop, sample_fn), start)
         final = int(jax.device_get(setup.state.step))
         _save(ckpt, final, setup.state, tc.seed, force=True)
         ckpt.wait()  # the last checkpoint is complete before we return (or the process exits)
@@ -320,42 +327,90 @@ def fit(
     return FitResult(setup.state.params, setup.graphdef, final, history, stopped)
 
 
-def _loop(
-    setup: Setup,
-    dataset: Any,
-    tc: TrainConfig,
-    start: int,
-    ckpt: Checkpointer,
-    logger: MetricsLogger,
-    stop: StopRequest,
-    sample_fn: Callable[[Any, int], str] | None,
-) -> tuple[list[dict[str, Any]], bool]:
-    """The step loop: feed, step, and every log_every steps one host sync. Returns (history, stopped)."""
-    history: list[dict[str, Any]] = []
-    pending: list[dict[str, jax.Array]] = []
-    pidx, pcount = jax.process_index(), jax.process_count()
+@dataclass
+class _Run:
+    """What the step loop works with, bundled (the loop body is long enough without 10 arguments)."""
+
+    setup: Setup
+    dataset: Any
+    tc: TrainConfig
+    ckpt: Checkpointer
+    logger: MetricsLogger
+    stop: StopRequest
+    sample_fn: Callable[[Any, int], str] | None
+
+
+def _loop(run: _Run, start: int) -> tuple[list[dict[str, Any]], bool]:
+    """Feeds prefetched batches to the steps. Returns (history, stopped early)."""
+    tc = run.tc
     end = min(tc.num_steps, tc.stop_at_step or tc.num_steps)
+    # A background thread prepares the next batches (numpy only) while the device computes.
+    batches = run.dataset.iter_batches(
+        tc.batch_size,
+        seed=tc.seed,
+        start_step=start,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_steps=end - start,
+        prefetch=2,
+    )
+    try:
+        history, stopped = _steps(run, batches, start, end)
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()
+    return history, stopped or end < tc.num_steps
+
+
+def _steps(run: _Run, batches: Any, start: int, end: int) -> tuple[list[dict[str, Any]], bool]:
+    """The step loop: one host sync per log point, checkpoints, samples, and the stop check."""
+    setup, tc = run.setup, run.tc
+    history: list[dict[str, Any]] = []
+    pending: list[dict[str, jax.Array]] = []  # device arrays: no sync until the log point
     last_save = time.monotonic()
-    for step in range(start, end):
-        local = dataset.get_batch(step, tc.batch_size, seed=tc.seed, process_index=pidx, process_count=pcount)
+    for step, local in zip(range(start, end), batches, strict=True):
         setup.state, metrics = setup.step_fn(setup.state, to_global(local, setup.mesh))
-        pending.append(metrics)  # device arrays: no sync until the log point
+        pending.append(metrics)
         done = step + 1
         timed_save = False
-        if done % tc.log_every == 0 or done == end:
-            history.append(_log(logger, pending, done, setup.schedule))
+        eval_due = _eval_due(run.dataset, tc, done, end)
+        if done % tc.log_every == 0 or done == end or eval_due:
+            extra = evaluate(setup, run.dataset.validation, tc) if eval_due else {}
+            history.append(_log(run.logger, pending, done, setup.schedule, extra))
             pending = []
             timed_save = _time_to_save(tc, last_save)
         if done < end and (timed_save or (tc.save_every and done % tc.save_every == 0)):
             _check_finite(pending, done)  # never checkpoint a NaN state
-            _save(ckpt, done, setup.state, tc.seed)
+            _save(run.ckpt, done, setup.state, tc.seed)
             last_save = time.monotonic()
-        if sample_fn is not None and tc.generate_every and done % tc.generate_every == 0 and pidx == 0:
-            logger.write(f"--- sample at step {done} ---\n{sample_fn(setup.state.params, done)}")
-        if done < end and stop.should_stop(done):
+        if run.sample_fn is not None and tc.generate_every and done % tc.generate_every == 0:
+            sample = run.sample_fn(setup.state.params, done)  # every process: the sampler is a collective
+            run.logger.write(f"--- sample at step {done} ---\n{sample}")
+        if done < end and run.stop.should_stop(done):
             _check_finite(pending, done)
             return history, True
-    return history, end < tc.num_steps
+    return history, False
+
+
+def _eval_due(dataset: Any, tc: TrainConfig, done: int, end: int) -> bool:
+    if not tc.eval_every or getattr(dataset, "validation", None) is None:
+        return False
+    return done % tc.eval_every == 0 or done == end
+
+
+def evaluate(setup: Setup, validation: Any, tc: TrainConfig) -> dict[str, float]:
+    """Mean loss over the validation batches (every real token weighs the same) and its perplexity."""
+    total, count = 0.0, 0.0
+    for local in validation.eval_batches(
+        tc.batch_size,
+        tc.eval_batches or None,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    ):
+        s, n = jax.device_get(setup.eval_fn(setup.state.params, to_global(local, setup.mesh)))
+        total, count = total + float(s), count + float(n)
+    loss = total / max(count, 1.0)
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
 
 def _time_to_save(tc: TrainConfig, last_save: float) -> bool:
@@ -387,10 +442,14 @@ def _check_finite(pending: list[dict[str, jax.Array]], step: int) -> None:
 
 
 def _log(
-    logger: MetricsLogger, pending: list[dict[str, jax.Array]], step: int, schedule: Any
+    logger: MetricsLogger,
+    pending: list[dict[str, jax.Array]],
+    step: int,
+    schedule: Any,
+    extra: dict[str, float],
 ) -> dict[str, Any]:
     host = jax.device_get(pending)  # the one sync per log interval
     _check_finite(host, step)
     metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
     metrics["learning_rate"] = float(schedule(step - 1))
-    return logger.log(step, metrics)
+    return logger.log(step, {**metrics, **extra})

@@ -185,3 +185,53 @@ def test_yaml_holds_only_differences() -> None:
         for section, values in (yaml.safe_load(path.read_text()) or {}).items():
             for key, value in values.items():
                 assert default[section][key] != value, f"{path.name}: {section}.{key} equals the default"
+
+
+def test_encode_then_train_from_cache_with_validation(
+    corpus_file: Path, tokenizer_files, tmp_path: Path
+) -> None:
+    # `encode` tokenizes once (line by line: each line is a document); `train` reads that cache and
+    # logs validation loss on a held-out 10%.
+    from gpt2_flax import load_tokenizer
+
+    tok_json = tmp_path / "tok.json"
+    tok_json.write_text(load_tokenizer(*tokenizer_files).to_str())
+    cache = tmp_path / "tokens"
+    assert (
+        cli.main(
+            [
+                "encode",
+                str(corpus_file),
+                "--tokenizer-file",
+                str(tok_json),
+                "--line-by-line",
+                "--output",
+                str(cache),
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (cache / "tokens.bin").is_file() and (cache / "tokenizer.json").is_file()
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--output-dir",
+        str(run),
+        "--no-progress",
+        "--samples",
+        "0",
+        f"--data.from_cache={cache}",
+        "--data.validation_split=0.1",
+        "--train.eval_every=10",
+        "--model.vocab_size=400",
+    ]
+    assert cli.main(args) == 0
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[0]["val_perplexity"] > 1
