@@ -19,7 +19,7 @@ from flax import nnx
 from transformers import GPT2Config
 
 from gpt2_flax.config import Config, ConfigError, DataConfig, MeshConfig, TrainConfig
-from gpt2_flax.convert import export_pretrained, load_hf_state_dict, read_weights
+from gpt2_flax.convert import check_not_other_model, export_pretrained, load_hf_state_dict, read_weights
 from gpt2_flax.generate import make_sampler, sample_ids
 from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config, model_config_of
 from gpt2_flax.tokenizer import EOS, eos_token_id, load_tokenizer, tokenizer_fingerprint
@@ -148,6 +148,8 @@ class GPT2:
         cfg = self.run_config(
             data, mesh, batch_size=batch_size, num_steps=num_steps, output_dir=str(output_dir), **train_kwargs
         )
+        if not overwrite:  # before training, not after it: the export goes into output_dir
+            check_not_other_model(output_dir, self.config)
         sample = lambda params, step: self._sample_text(params, cfg.train.sample_prompt)
         result = fit(
             self.model,

@@ -159,6 +159,11 @@ def read_weights(path: str | Path) -> dict[str, np.ndarray]:
         ) from e
     # weights_only=True: a .bin is a pickle, and only plain tensors may come out of it.
     sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} is not a state dict (it holds a {type(sd).__name__})")
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path} is not a state dict of tensors (non-tensor entries: {bad[:5]})")
     return {k: v.float().numpy() for k, v in sd.items()}
 
 

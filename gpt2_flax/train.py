@@ -234,7 +234,10 @@ def build(model: GPT2LMHeadModel, cfg: Config, mesh: Mesh | None = None) -> Setu
     mesh = mesh or make_mesh(cfg.mesh)
     graphdef, model_state = nnx.split(model)
     setup = plan(graphdef, model_state, cfg, mesh)
-    params = jax.device_put(nnx.to_pure_dict(model_state), setup.state_shardings.params)
+    # A copy, not device_put: the step donates its input buffers, and the model's own arrays must
+    # survive a run that stops with an error (ai.model stays usable).
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=setup.state_shardings.params)
+    params = copy(nnx.to_pure_dict(model_state))
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)
     setup.state = TrainState(jax.device_put(jnp.int32(0), replicated(mesh)), params, opt_state)
     return setup

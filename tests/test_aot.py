@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# No TPU is opened (JAX_PLATFORMS=cpu), so libtpu's one-process lock file need not be held.
+LIBTPU_ENV = {"JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu is not installed (pip install -e '.[dev]' installs it on Linux x86_64)",
@@ -35,7 +37,7 @@ def _compile(config: str, topology: str, *overrides: str) -> tuple[int, dict]:
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+        env={**os.environ, **LIBTPU_ENV, "XLA_FLAGS": ""},
         timeout=600,
     )
     assert out.returncode in (0, 1), out.stderr[-3000:]
@@ -81,6 +83,6 @@ def test_unknown_topology_is_a_clear_error() -> None:
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env={**os.environ, **LIBTPU_ENV},
     )
     assert out.returncode == 2 and "v99:1x1" in out.stderr

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-import gpt2_flax.data as data
+import gpt2_flax.token_cache as token_cache
 from gpt2_flax.data import PackedBlocks, TokenDataset, default_cache_dir, iter_pieces
 from gpt2_flax.tokenizer import EOS, load_tokenizer, train_tokenizer
 
@@ -79,8 +79,8 @@ def test_pieces_cut_only_between_non_space() -> None:
 
 
 def test_streamed_file_matches_whole_encoding(tok: Tokenizer, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(data, "CHUNK_CHARS", 13)
-    monkeypatch.setattr(data, "PIECE_CHARS", 4)
+    monkeypatch.setattr(token_cache, "CHUNK_CHARS", 13)
+    monkeypatch.setattr(token_cache, "PIECE_CHARS", 4)
     docs = [tricky_text(7, lines=80), tricky_text(8, lines=80)]
     for i, doc in enumerate(docs):
         (tmp_path / f"{i}.txt").write_text(doc, encoding="utf-8")
@@ -119,9 +119,9 @@ def test_cache_is_reused_and_invalidated(tok: Tokenizer, tmp_path: Path, monkeyp
     src = tmp_path / "doc.txt"
     src.write_text(tricky_text(3), encoding="utf-8")
     first = TokenDataset(src, tokenizer=tok, block_size=8, cache_dir=tmp_path / "c")
-    real_encode = data.encode_stream
+    real_encode = token_cache.encode_stream
     calls = []
-    monkeypatch.setattr(data, "encode_stream", lambda *a: calls.append(1) or real_encode(*a))
+    monkeypatch.setattr(token_cache, "encode_stream", lambda *a: calls.append(1) or real_encode(*a))
     again = TokenDataset(src, tokenizer=tok, block_size=16, cache_dir=tmp_path / "c")  # new block_size
     assert calls == [] and again.cache_path == first.cache_path
     assert again.tokens.tolist() == first.tokens.tolist()
@@ -142,7 +142,7 @@ def test_interrupted_encoding_leaves_no_cache(tok: Tokenizer, tmp_path: Path, mo
     def boom(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "_encode_batch", boom)
+    monkeypatch.setattr(token_cache, "_encode_batch", boom)
     with pytest.raises(KeyboardInterrupt):
         TokenDataset(texts=[tricky_text(5)], tokenizer=tok, block_size=8, cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-import gpt2_flax.data as data
+import gpt2_flax.token_cache as token_cache
 from gpt2_flax.data import TokenDataset, encode_main
 from gpt2_flax.tokenizer import EOS, load_tokenizer, train_tokenizer
 
@@ -45,8 +45,8 @@ def concat_layout(tok: Tokenizer, docs: list[str]) -> list[int]:
 
 def count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = data.encode_stream
-    monkeypatch.setattr(data, "encode_stream", lambda *a: calls.append(1) or real(*a))
+    real = token_cache.encode_stream
+    monkeypatch.setattr(token_cache, "encode_stream", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -80,8 +80,8 @@ def test_chunked_reading_is_exact(tok: Tokenizer, tmp_path: Path, monkeypatch, l
         expected = docs_layout(tok, [ln for ln in normal.split("\n") if ln.strip()])
     else:
         expected = concat_layout(tok, [normal])
-    monkeypatch.setattr(data, "CHUNK_CHARS", 7)
-    monkeypatch.setattr(data, "PIECE_CHARS", 3)
+    monkeypatch.setattr(token_cache, "CHUNK_CHARS", 7)
+    monkeypatch.setattr(token_cache, "PIECE_CHARS", 3)
     for num_proc in (1, 2):
         ds = TokenDataset(
             tmp_path / "t.txt", tokenizer=tok, block_size=4, cache_dir=tmp_path / f"c{num_proc}",
@@ -189,8 +189,8 @@ def test_failure_mid_encode_leaves_no_cache(tok: Tokenizer, tmp_path: Path, monk
     (tmp_path / "a.txt").write_text("\n".join(LINES * 5), encoding="utf-8")
     (tmp_path / "b.csv").write_text("text\nlast row\n", encoding="utf-8")
     files, cache = [tmp_path / "a.txt", tmp_path / "b.csv"], tmp_path / "c"
-    monkeypatch.setattr(data, "CHUNK_CHARS", 40)  # several work items, so it fails half-way
-    real, seen = data._encode_batch, []
+    monkeypatch.setattr(token_cache, "CHUNK_CHARS", 40)  # several work items, so it fails half-way
+    real, seen = token_cache._encode_batch, []
 
     def flaky(*args):
         seen.append(1)
@@ -198,11 +198,11 @@ def test_failure_mid_encode_leaves_no_cache(tok: Tokenizer, tmp_path: Path, monk
             raise OSError("disk full")
         return real(*args)
 
-    monkeypatch.setattr(data, "_encode_batch", flaky)
+    monkeypatch.setattr(token_cache, "_encode_batch", flaky)
     with pytest.raises(OSError, match="disk full"):
         TokenDataset(files, tokenizer=tok, block_size=4, cache_dir=cache)
     assert list(cache.iterdir()) == []  # no temporary or half-written files
-    monkeypatch.setattr(data, "_encode_batch", real)
+    monkeypatch.setattr(token_cache, "_encode_batch", real)
     calls = count_encodes(monkeypatch)
     ds = TokenDataset(files, tokenizer=tok, block_size=4, cache_dir=cache)
     assert calls == [1] and ds.tokens.tolist() == concat_layout(tok, ["\n".join(LINES * 5), "last row"])

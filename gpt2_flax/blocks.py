@@ -1,0 +1,214 @@
+"""Batches as a pure function of (seed, step, process index): the Blocks base class and its simplest
+layout, PackedBlocks (concatenated mode), plus `prefetch` to compute batches ahead in a thread.
+
+A dataset is a numbered list of training rows ("blocks"); subclasses say how to gather rows, Blocks
+says which rows make up each process's part of each step's batch, so resuming needs only the step.
+Only numpy here: no jax arrays are built inside the data loader.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+EVAL_SEED = 0  # eval_batches visits validation rows in this fixed order
+
+
+def _rows_per_process(batch_size: int, process_index: int, process_count: int) -> int:
+    if batch_size < 1 or process_count < 1:
+        raise ValueError(f"batch_size ({batch_size}) and process_count ({process_count}) must be >= 1.")
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by process_count={process_count}: use a global "
+            f"batch size that is a multiple of {process_count}."
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
+    return batch_size // process_count
+
+
+class Blocks:
+    """Training rows addressed by block index 0..num_blocks-1; subclasses define `_gather(blocks)`.
+
+    Global sample j = step*batch_size + row is block permutation(seed, epoch)[j % num_blocks] with
+    epoch = j // num_blocks: each epoch visits every block once, and any step can be recomputed
+    without replaying earlier ones. Process p of process_count reads only its contiguous rows
+    [p*rows, (p+1)*rows) of each global batch, rows = batch_size // process_count.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        self._lock = threading.Lock()  # a prefetch thread and the caller may both ask for orders
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def _gather(self, blocks: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def block_order(self, seed: int, epoch: int) -> np.ndarray:
+        """The order blocks are visited in during `epoch`: a permutation of range(num_blocks)."""
+        with self._lock:
+            if (seed, epoch) not in self._orders:
+                if len(self._orders) >= 2:  # a batch spans at most two epochs: keep 2 permutations
+                    self._orders.pop(next(iter(self._orders)))
+                self._orders[seed, epoch] = np.random.default_rng([seed, epoch]).permutation(self.num_blocks)
+            return self._orders[seed, epoch]
+
+    def blocks_for(self, samples: np.ndarray, seed: int) -> np.ndarray:
+        """Block index of each global sample index."""
+        epochs, positions = np.divmod(samples, self.num_blocks)
+        blocks = np.empty(samples.shape[0], dtype=np.int64)
+        for epoch in np.unique(epochs):
+            in_epoch = epochs == epoch
+            blocks[in_epoch] = self.block_order(seed, int(epoch))[positions[in_epoch]]
+        return blocks
+
+    def get_batch(
+        self, step: int, batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1
+    ) -> dict[str, np.ndarray]:
+        """This process's rows of global batch `step`: int32 arrays (rows, block_size), numpy only.
+
+        Keys: input_ids, labels (-1 = not trained); line_by_line adds segment_ids and positions.
+        """
+        rows = _rows_per_process(batch_size, process_index, process_count)
+        if step < 0 or seed < 0:
+            raise ValueError(f"step ({step}) and seed ({seed}) must be >= 0.")
+        samples = step * batch_size + process_index * rows + np.arange(rows, dtype=np.int64)
+        return self._gather(self.blocks_for(samples, seed))
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        start_step: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        num_steps: int | None = None,
+        prefetch: int = 0,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """get_batch for steps start_step, start_step + 1, ... (forever, or num_steps batches);
+        prefetch=N computes up to N batches ahead in a background thread."""
+        _rows_per_process(batch_size, process_index, process_count)  # fail now, not at first next()
+        steps = (
+            itertools.count(start_step) if num_steps is None else range(start_step, start_step + num_steps)
+        )
+        batches = (self.get_batch(step, batch_size, seed, process_index, process_count) for step in steps)
+        return _prefetch(batches, prefetch) if prefetch else batches
+
+    def eval_batches(
+        self, batch_size: int, num_batches: int | None = None, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Fixed evaluation batches: every block once (at most num_batches batches), in one fixed order.
+
+        Rows past the last block are padding with labels -1, so a loss that skips labels < 0 is the
+        exact mean over the blocks; the same call always yields the same batches.
+        """
+        rows = _rows_per_process(batch_size, process_index, process_count)
+        total = -(-self.num_blocks // batch_size)
+        order = self.block_order(EVAL_SEED, 0)
+        count = total if num_batches is None else min(num_batches, total)
+
+        def gen() -> Iterator[dict[str, np.ndarray]]:
+            for b in range(count):
+                first = b * batch_size + process_index * rows
+                part = self._gather(order[first : first + rows])
+                yield {k: _pad_rows(v, rows, -1 if k == "labels" else 0) for k, v in part.items()}
+
+        return gen()
+
+
+def _pad_rows(x: np.ndarray, rows: int, fill: int) -> np.ndarray:
+    return (
+        x
+        if x.shape[0] == rows
+        else np.concatenate([x, np.full((rows - x.shape[0], x.shape[1]), fill, x.dtype)])
+    )
+
+
+class PackedBlocks(Blocks):
+    """Concatenated mode: block i is the window tokens[i*block_size : i*block_size + block_size + 1].
+
+    Inputs are its first block_size tokens and labels its last block_size, so all block_size positions
+    are trained and consecutive blocks share one token. `block_ids` restricts the dataset to a subset of
+    the blocks (validation_split); block k of the dataset is then block block_ids[k] of the file.
+    """
+
+    def __init__(
+        self, tokens: np.ndarray, block_size: int, name: str = "dataset", block_ids: np.ndarray | None = None
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}.")
+        if tokens.shape[0] < block_size + 1:
+            raise ValueError(
+                f"{name} has only {tokens.shape[0]} tokens, but one training block needs block_size + 1 = "
+                f"{block_size + 1}: use a smaller block_size or add more text."
+            )
+        self.tokens = tokens
+        self.num_tokens = int(tokens.shape[0])
+        self.block_ids = block_ids
+        # -1: the last window needs one token past its block for the final label.
+        total = (self.num_tokens - 1) // block_size
+        super().__init__(total if block_ids is None else len(block_ids), block_size)
+
+    def _gather(self, blocks: np.ndarray) -> dict[str, np.ndarray]:
+        if self.block_ids is not None:
+            blocks = self.block_ids[blocks]
+        # (rows, block_size + 1) token windows, gathered from the memmap.
+        offsets = blocks[:, None] * self.block_size + np.arange(self.block_size + 1)
+        windows = np.asarray(self.tokens[offsets], dtype=np.int32)
+        return {"input_ids": windows[:, :-1].copy(), "labels": windows[:, 1:].copy()}  # C-contiguous
+
+
+# ----------------------------------------------------------------------------- prefetch
+
+
+def prefetch(iterable: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Yield the items of `iterable`, computed up to `depth` items ahead in a background thread.
+
+    Exceptions are re-raised in the consumer; closing the generator stops the thread.
+    """
+    if depth < 1:
+        yield from iterable
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                if not put((True, item)):
+                    return
+            put((False, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put((False, e))
+
+    threading.Thread(target=produce, name="gpt2_flax-prefetch", daemon=True).start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+_prefetch = prefetch  # Blocks.iter_batches has an argument named `prefetch`

@@ -1,0 +1,248 @@
+"""The encoding pass: `datasets.map` encoders that turn sources (see sources.py) into token ids.
+
+Text files arrive as work items (path, byte range) that each worker reads and encodes itself; row
+sources (CSV / JSONL / Parquet / lists / datasets) are encoded in batches of ~1 MB of text. Each map
+call returns one row holding the token ids of its whole batch (plus document lengths and count), and
+`encode_stream` appends those rows, in source order, to tokens.bin and lengths.bin; token_cache.py
+turns that folder into a cache entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt2_flax.sources import (
+    Source,
+    check_file,
+    iter_pieces,
+    load_rows,
+    normalize_newlines,
+    read_range,
+    row_column,
+    scan_text_file,
+)
+
+# ----------------------------------------------------------------------------- datasets.map encoders
+
+
+@dataclass
+class EncodeSettings:
+    tok: Any  # tokenizers.Tokenizer without truncation/padding
+    encode: Callable[[Any, list[str], np.dtype], list[np.ndarray]]  # texts -> token ids, one array each
+    dtype: np.dtype
+    eos: int
+    lines: bool  # line_by_line: every line/row is a document wrapped as EOS text EOS
+    encoding_errors: str
+    piece_chars: int
+
+
+def _encode_texts(texts: list[str], ends: list[bool], s: EncodeSettings) -> dict[str, list[Any]]:
+    """Encode each text exactly as a whole (long ones in safe pieces) -> one output row.
+
+    EOS follows every text whose `ends` flag is set; in line_by_line mode every text is a document
+    and gets an EOS before it too, and its length (EOS included) goes into "lengths".
+    """
+    pieces: list[str] = []
+    owners: list[int] = []
+    for i, text in enumerate(texts):
+        long = len(text) > 2 * s.piece_chars and not text.isspace()
+        parts = list(iter_pieces(io.StringIO(text).read, "", len(text), s.piece_chars)) if long else [text]
+        pieces += parts
+        owners += [i] * len(parts)
+    encoded = s.encode(s.tok, pieces, s.dtype)
+    per_text: list[list[np.ndarray]] = [[] for _ in texts]
+    for owner, ids in zip(owners, encoded, strict=True):
+        per_text[owner].append(ids)
+    eos = np.array([s.eos], s.dtype)
+    out: list[np.ndarray] = []
+    lengths: list[int] = []
+    for parts, end in zip(per_text, ends, strict=True):
+        parts = [eos, *parts, eos] if s.lines else [*parts, eos] if end else parts
+        out += parts
+        lengths += [sum(p.size for p in parts)] if s.lines else []
+    ids = np.concatenate(out) if out else np.empty(0, s.dtype)
+    return {"ids": [ids], "lengths": [np.asarray(lengths, np.int64)], "docs": [sum(ends)]}
+
+
+def encode_text_items(batch: dict[str, list[Any]], s: EncodeSettings) -> dict[str, list[Any]]:
+    """map fn over text work items (path, start, end, doc_end): read the byte ranges and encode them."""
+    texts, ends = [], []
+    for path, start, end, doc_end in zip(
+        batch["path"], batch["start"], batch["end"], batch["doc_end"], strict=True
+    ):
+        text = read_range(path, start, end, s.encoding_errors)
+        if s.lines:
+            docs = [line for line in text.split("\n") if line and not line.isspace()]  # blank lines skipped
+            texts += docs
+            ends += [True] * len(docs)
+        else:
+            texts.append(text)
+            ends.append(doc_end)
+    return _encode_texts(texts, ends, s)
+
+
+def encode_rows(values: list[Any], s: EncodeSettings, name: str, column: str) -> dict[str, list[Any]]:
+    """map fn over a text column: every non-blank row is one document."""
+    docs = []
+    for value in values:
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ValueError(
+                f"{name}: column {column!r} holds {type(value).__name__} values, not text: pass text_column= "
+                "naming a text column."
+            )
+        if value and not value.isspace():
+            docs.append(normalize_newlines(value))
+    return _encode_texts(docs, [True] * len(docs), s)
+
+
+# ----------------------------------------------------------------------------- the encoding pass
+
+
+@dataclass
+class EncodeOptions:
+    text_column: str | int | None = None  # CSV / JSONL / Parquet / dataset column holding the text
+    header: bool = True  # CSV files start with a header row
+    num_proc: int = 1  # datasets.map worker processes; 1 = in-process (the tokenizer still uses all cores)
+    progress: bool = False  # datasets' progress bars
+    chunk_chars: int = 1 << 20  # text per work item / per map batch
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.enable_progress_bars() if enabled else datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.disable_progress_bars() if was_disabled else datasets.enable_progress_bars()
+
+
+def _groups(sources: list[Source], columns: list[str | None]) -> Iterator[tuple[list[Source], str | None]]:
+    """Consecutive files of one kind (and text column) form one group; lists and datasets stand alone."""
+    group: list[Source] = []
+    for i, src in enumerate(sources):
+        group.append(src)
+        nxt = sources[i + 1] if i + 1 < len(sources) else None
+        if nxt is None or src.path is None or (nxt.kind, columns[i + 1]) != (src.kind, columns[i]):
+            yield group, columns[i]
+            group = []
+
+
+def _text_items(group: list[Source], s: EncodeSettings, opts: EncodeOptions, counts: dict[str, int]) -> Any:
+    import datasets
+
+    rows: dict[str, list[Any]] = {"path": [], "start": [], "end": [], "doc_end": []}
+    for src in group:
+        cuts, size, replaced = scan_text_file(src, opts.chunk_chars, s.lines, s.encoding_errors)
+        counts["replaced"] += replaced
+        rows["path"] += [str(src.path)] * len(cuts)
+        rows["start"] += cuts
+        rows["end"] += [*cuts[1:], size]
+        rows["doc_end"] += [False] * (len(cuts) - 1) + [True]
+    return datasets.Dataset.from_dict(rows)
+
+
+def _row_items(
+    group: list[Source],
+    column: str,
+    s: EncodeSettings,
+    opts: EncodeOptions,
+    counts: dict[str, int],
+    work: Path,
+) -> Any:
+    """The group's text column as a `datasets.Dataset`; CSV / JSONL files are scanned for U+FFFD counts."""
+    if group[0].kind in ("csv", "json"):
+        counts["replaced"] += sum(scan_text_file(f, 1 << 62, True, s.encoding_errors)[2] for f in group)
+    return load_rows(group[0].kind, group, column, opts.header, s.encoding_errors, work / "hf")
+
+
+def _append_output(result: Any, tokens: io.BufferedWriter, lengths: io.BufferedWriter) -> tuple[int, int]:
+    """Append map output rows to the token and length files; returns (tokens, documents) appended."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    num_tokens = docs = 0
+    for cache_file in result.cache_files:  # one Arrow stream file per worker, in row order
+        with pa.OSFile(cache_file["filename"]) as f:  # read, not memory-mapped: RSS stays flat
+            for batch in pa.ipc.open_stream(f):
+                ids = batch.column("ids").flatten().to_numpy()
+                ids.tofile(tokens)
+                batch.column("lengths").flatten().to_numpy().tofile(lengths)
+                num_tokens += ids.size
+                docs += pc.sum(batch.column("docs")).as_py() or 0
+        with contextlib.suppress(OSError):  # Windows keeps mapped files; the folder is removed later
+            Path(cache_file["filename"]).unlink()
+    return num_tokens, docs
+
+
+def encode_stream(
+    sources: list[Source], workdir: Path, s: EncodeSettings, opts: EncodeOptions
+) -> dict[str, int]:
+    """Encode every source, in order, into workdir/tokens.bin (and document lengths into lengths.bin).
+
+    Every file is checked (empty, binary, UTF-8, text column) before anything is encoded. Returns
+    {"num_tokens", "num_documents", "replaced"}; scratch Arrow files stay in workdir.
+    """
+    import datasets
+
+    for src in sources:
+        if src.path is not None:
+            check_file(src)
+    columns = [
+        None if src.kind == "text" else row_column(src, opts.text_column, opts.header) for src in sources
+    ]
+    counts = {"num_tokens": 0, "num_documents": 0, "replaced": 0}
+    features = datasets.Features(
+        {
+            "ids": datasets.List(datasets.Value(s.dtype.name)),
+            "lengths": datasets.List(datasets.Value("int64")),
+            "docs": datasets.Value("int64"),
+        }
+    )
+    with open(workdir / "tokens.bin", "wb") as tokens, open(workdir / "lengths.bin", "wb") as lengths:
+        with _progress_bars(opts.progress):
+            for i, (group, column) in enumerate(_groups(sources, columns)):
+                name = group[0].name + (f" (+{len(group) - 1} more)" if len(group) > 1 else "")
+                if column is None:
+                    ds, fn, kw, cols = _text_items(group, s, opts, counts), encode_text_items, {}, None
+                else:
+                    ds = _row_items(group, column, s, opts, counts, workdir)
+                    fn, kw, cols = encode_rows, {"name": name, "column": column}, ds.column_names
+                size = ds.data.nbytes if column else sum(ds["end"]) - sum(ds["start"])
+                avg = max(1, size // max(1, len(ds)))  # bytes per row: map batches hold ~chunk_chars
+                nproc = min(opts.num_proc, len(ds))
+                result = ds.map(
+                    fn,
+                    batched=True,
+                    batch_size=int(np.clip(opts.chunk_chars // avg, 1, 10_000)),
+                    input_columns=cols,
+                    remove_columns=ds.column_names,
+                    fn_kwargs={"s": s, **kw},
+                    features=features,
+                    num_proc=nproc if nproc > 1 else None,  # None: in-process, tokenizer threads stay on
+                    cache_file_name=str(workdir / f"encoded{i}.arrow"),
+                    writer_batch_size=16,
+                    load_from_cache_file=False,
+                    new_fingerprint=hashlib.sha256(f"{workdir}/{i}".encode()).hexdigest()[:32],
+                    desc=f"Encoding {name}",
+                )
+                num_tokens, docs = _append_output(result, tokens, lengths)
+                if docs == 0:
+                    raise ValueError(
+                        f"{name} holds no text (only blank lines or rows): add text or remove it."
+                    )
+                counts["num_tokens"] += num_tokens
+                counts["num_documents"] += docs
+    return counts

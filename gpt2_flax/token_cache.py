@@ -1,0 +1,239 @@
+"""The token cache: encode sources once into a folder on disk, reuse it while nothing changed.
+
+Every document becomes its token ids followed by `<|endoftext|>` (line_by_line: `<|endoftext|> text
+<|endoftext|>`), all concatenated into tokens.bin (uint16 when the vocab has < 65536 entries, else
+uint32) plus meta.json (and doc_offsets.npy in line_by_line mode), in `<cache_dir>/<key>/` where the key
+hashes the tokenizer, the inputs and the options. The folder is built under a temporary name and
+renamed when complete, so a reader never sees half a cache. save_cache_folder / encode_main copy an
+entry (with its tokenizer) to a folder of the user's choosing for TokenDataset.from_cache.
+
+CHUNK_CHARS, PIECE_CHARS, _encode_batch and encode_stream are looked up here at call time, so tests
+that shrink or wrap them patch this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from gpt2_flax.encode import EncodeOptions, EncodeSettings, encode_stream
+from gpt2_flax.sources import resolve_sources
+from gpt2_flax.tokenizer import PathLike, eos_token_id, load_tokenizer, tokenizer_fingerprint
+
+logger = logging.getLogger(__name__)
+
+# Text per work item / map batch: ~1 MB of text (~250k tokens) is encoded at once per worker.
+CHUNK_CHARS = 1 << 20
+# Target length of the pieces a long text is split into; encode_batch encodes pieces in parallel in Rust.
+PIECE_CHARS = 1 << 16
+# Bump when the token layout changes so old caches are not reused.
+CACHE_VERSION = 2
+
+
+def default_cache_dir() -> Path:
+    """`$GPT2_FLAX_CACHE` if set, else `~/.cache/gpt2_flax/tokens`."""
+    env = os.environ.get("GPT2_FLAX_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gpt2_flax" / "tokens"
+
+
+def _encode_batch(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
+    # add_special_tokens=False: raw ids only, whatever post-processor the tokenizer carries.
+    return [np.asarray(e.ids, dtype) for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+# ----------------------------------------------------------------------------- the token cache
+
+
+def read_cache(entry: Path, identity: dict | None = None) -> dict | None:
+    """The metadata of a complete cache folder (that matches `identity` if given), else None."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+        size = (entry / "tokens.bin").stat().st_size
+    except (OSError, ValueError):
+        return None
+    if identity is not None and {k: meta.get(k) for k in identity} != identity:
+        return None
+    if size != meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize:
+        return None
+    if meta["options"]["line_by_line"] and not (entry / "doc_offsets.npy").is_file():
+        return None
+    return meta
+
+
+def _write_offsets(lengths_file: Path, out: Path, num_documents: int) -> None:
+    """doc_offsets.npy (num_documents + 1 int64) = cumulative lengths, streamed in 8 MB chunks."""
+    with open(lengths_file, "rb") as src, open(out, "wb") as dst:
+        np.lib.format.write_array_header_1_0(
+            dst, {"descr": "<i8", "fortran_order": False, "shape": (num_documents + 1,)}
+        )
+        total = np.zeros(1, np.int64)
+        total.tofile(dst)
+        while (chunk := np.fromfile(src, np.int64, count=1 << 20)).size:
+            (np.cumsum(chunk) + total[0]).tofile(dst)
+            total[0] += chunk.sum()
+
+
+def _publish(work: Path, entry: Path, identity: dict, meta: dict) -> None:
+    """Turn the encoded files in `work` into the complete cache folder `entry`, with one rename."""
+    done = work / "entry"
+    done.mkdir()
+    os.replace(work / "tokens.bin", done / "tokens.bin")
+    if meta["options"]["line_by_line"]:
+        _write_offsets(work / "lengths.bin", done / "doc_offsets.npy", meta["num_documents"])
+    (done / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    for path in (done, *done.iterdir()):  # mkdtemp makes 0700: other users/hosts may share the cache
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    try:
+        os.rename(done, entry)
+    except OSError:  # another process finished the same cache first (use theirs), or a broken one
+        if read_cache(entry, identity) is None:
+            shutil.rmtree(entry, ignore_errors=True)
+            os.rename(done, entry)
+
+
+def build_token_cache(
+    tok: Tokenizer, sources: list, cache_dir: PathLike | None, options: dict, opts: EncodeOptions
+) -> tuple[Path, dict]:
+    """Encode `sources` into the folder `<cache_dir>/<key>/`, or reuse it; returns (folder, metadata).
+
+    The folder holds tokens.bin, meta.json (and doc_offsets.npy in line_by_line mode). It is built
+    under a temporary name and renamed at the end, so an interrupted run never leaves a cache that
+    looks complete, and concurrent processes building the same cache keep whichever finishes first.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    identity = {
+        "version": CACHE_VERSION,
+        "tokenizer": tokenizer_fingerprint(tok),
+        "options": options,
+        "sources": [s.identity() for s in sources],
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:24]
+    entry = cache / key
+    if (meta := read_cache(entry, identity)) is not None:
+        logger.info("Reusing token cache %s (%d tokens)", entry, meta["num_tokens"])
+        return entry, meta
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"Cannot create cache dir {cache} ({e}): pass cache_dir= or set GPT2_FLAX_CACHE."
+        ) from e
+    if tok.truncation is not None or tok.padding is not None:  # would cut or pad every piece: turn off
+        tok = Tokenizer.from_str(tok.to_str())
+        tok.no_truncation()
+        tok.no_padding()
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
+    lines, errors = options["line_by_line"], options["encoding_errors"]
+    settings = EncodeSettings(tok, _encode_batch, dtype, eos_token_id(tok), lines, errors, PIECE_CHARS)
+    opts = dataclasses.replace(opts, chunk_chars=CHUNK_CHARS)
+    work = Path(tempfile.mkdtemp(dir=cache, prefix=f"{key}.", suffix=".tmp"))  # unique per process
+    try:
+        start = time.perf_counter()
+        counts = encode_stream(sources, work, settings, opts)
+        meta = {**identity, "dtype": dtype.name, "vocab_size": vocab_size, "eos_token_id": settings.eos}
+        meta.update(counts, encode_seconds=round(time.perf_counter() - start, 3))
+        _publish(work, entry, identity, meta)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if counts["replaced"]:
+        warnings.warn(
+            f"Replaced {counts['replaced']} invalid UTF-8 sequence(s) with U+FFFD (encoding_errors="
+            "'replace').",
+            stacklevel=3,
+        )
+    logger.info("Encoded %d tokens in %.1f s into %s", counts["num_tokens"], meta["encode_seconds"], entry)
+    return entry, meta
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def encode_sources(
+    tokenizer: Tokenizer,
+    file_or_files: Any,
+    texts: str | Sequence[str] | None,
+    cache_dir: PathLike | None,
+    *,
+    line_by_line: bool = False,
+    text_column: str | int | None = None,
+    header: bool = True,
+    encoding_errors: str = "strict",
+    num_proc: int = 1,
+    progress: bool = False,
+) -> tuple[list, Path, dict]:
+    """Resolve the inputs and encode them into the cache (or reuse it): (sources, folder, metadata)."""
+    if encoding_errors not in ("strict", "replace"):
+        raise ValueError(f"encoding_errors must be 'strict' or 'replace', got {encoding_errors!r}.")
+    sources = resolve_sources(file_or_files, texts)
+    if not sources:
+        raise ValueError("No training text given: pass file_or_files (path, folder, glob or list) or texts.")
+    options = {"line_by_line": line_by_line, "encoding_errors": encoding_errors}
+    options.update(text_column=text_column, header=header)
+    opts = EncodeOptions(text_column, header, num_proc, progress)
+    return (sources, *build_token_cache(tokenizer, sources, cache_dir, options, opts))
+
+
+def save_cache_folder(entry: Path, tokenizer: Tokenizer, path: PathLike) -> Path:
+    """Copy a cache folder's tokens and metadata, plus the tokenizer, into the new folder `path`."""
+    dest = Path(path).expanduser()
+    if dest.exists():
+        raise FileExistsError(f"{dest} already exists: choose a new folder or delete it first.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        for name in ("tokens.bin", "doc_offsets.npy", "meta.json"):
+            if (entry / name).is_file():
+                shutil.copyfile(entry / name, tmp / name)
+        (tmp / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def encode_main(
+    file_or_files: Any,
+    *,
+    tokenizer_file: PathLike | None = None,
+    vocab_file: PathLike | None = None,
+    merges_file: PathLike | None = None,
+    cache_dir: PathLike | None = None,
+    output: PathLike | None = None,
+    line_by_line: bool = False,
+    text_column: str | int | None = None,
+    header: bool = True,
+    encoding_errors: str = "strict",
+    num_proc: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`gpt2-flax encode`: build the token cache up front (with progress bars), so training starts at
+    once; with `output`, also save a copy for TokenDataset.from_cache. Returns a summary dict."""
+    tokenizer = load_tokenizer(vocab_file, merges_file, tokenizer_file)
+    start = time.perf_counter()
+    enc = {"line_by_line": line_by_line, "text_column": text_column, "header": header}
+    enc.update(encoding_errors=encoding_errors, num_proc=num_proc, progress=progress)
+    sources, entry, meta = encode_sources(tokenizer, file_or_files, None, cache_dir, **enc)
+    seconds = time.perf_counter() - start
+    mb = sum(s.path.stat().st_size for s in sources if s.path is not None) / 1e6
+    summary = {"cache": str(entry), "num_tokens": meta["num_tokens"], "num_documents": meta["num_documents"]}
+    summary.update(
+        input_mb=round(mb, 3), seconds=round(seconds, 3), mb_per_s=round(mb / max(seconds, 1e-9), 3)
+    )
+    if output is not None:
+        summary["saved"] = str(save_cache_folder(entry, tokenizer, output))
+    return summary

@@ -1,0 +1,205 @@
+"""GPT2LMHeadModel: Hugging Face parity, causality, parameter layout, init, dropout, packing, remat."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.nnx import traversals
+
+from gpt2_flax import GPT2LMHeadModel, build_gpt2_config
+from gpt2_flax.convert import load_hf_state_dict
+from gpt2_flax.model import count_params
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+V, T, C, L, H = 400, 32, 32, 2, 4
+
+
+def flat_params(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {".".join(map(str, k)): np.asarray(v) for k, v in traversals.flatten_mapping(pure).items()}
+
+
+def tiny(dropout: float = 0.0, n_embd: int = C, **kwargs) -> object:
+    return build_gpt2_config(
+        vocab_size=V, max_length=T, n_embd=n_embd, n_layer=L, n_head=H, dropout=dropout, **kwargs
+    )
+
+
+@nnx.jit
+def forward(model: GPT2LMHeadModel, ids: jax.Array, **kwargs) -> jax.Array:
+    return model(ids, **kwargs)
+
+
+def random_ids(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, V, shape).astype(np.int32)
+
+
+def randomized_hf_model(config, seed: int = 0):
+    """An HF GPT-2 with every parameter random (biases and LayerNorms too, not just the init)."""
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(
+                torch.randn_like(p) * 0.1
+                + (1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0)
+            )
+    return hf
+
+
+def test_logits_match_hugging_face_on_random_weights() -> None:
+    config = tiny()
+    hf = randomized_hf_model(config)
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied in HF too
+    ours = GPT2LMHeadModel(config, rngs=nnx.Rngs(1))
+    load_hf_state_dict(ours, hf.state_dict())
+    ids = random_ids((2, 16))
+    logits = forward(ours, jnp.asarray(ids))
+    assert logits.shape == (2, 16, V) and logits.dtype == jnp.float32
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(ids).long()).logits.numpy()
+    assert np.abs(np.asarray(logits) - expected).max() < 1e-4
+    assert np.abs(expected).max() > 1.0  # the weights are not trivially small
+
+
+def test_count_params_equals_hugging_face() -> None:
+    config = tiny()
+    ours = GPT2LMHeadModel(config, rngs=nnx.Rngs(0))
+    assert count_params(ours) == transformers.GPT2LMHeadModel(config).num_parameters()
+    # and the padded vocabulary rows are not counted
+    assert count_params(ours) < sum(v.size for v in flat_params(ours).values())
+
+
+def test_causal_mask() -> None:
+    model = GPT2LMHeadModel(tiny(), rngs=nnx.Rngs(0))
+    ids = random_ids((1, 16))
+    base = np.asarray(forward(model, jnp.asarray(ids)))
+    for t in (0, 7, 15):
+        changed = ids.copy()
+        changed[0, t] = (changed[0, t] + 1) % V
+        out = np.asarray(forward(model, jnp.asarray(changed)))
+        np.testing.assert_allclose(out[:, :t], base[:, :t], atol=1e-6)
+        assert np.abs(out[:, t:] - base[:, t:]).max(axis=-1).min() > 0  # every later position sees it
+
+
+def test_sequence_longer_than_context_is_refused() -> None:
+    model = GPT2LMHeadModel(tiny(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="n_positions=32"):
+        forward(model, jnp.zeros((1, T + 1), jnp.int32))
+
+
+def test_parameter_tree_names_and_shapes() -> None:
+    model = GPT2LMHeadModel(tiny(), rngs=nnx.Rngs(0))
+    shapes = {k: v.shape for k, v in flat_params(model).items()}
+    vp = 512  # 400 padded to a multiple of 128
+    assert shapes == {
+        "wte.embedding": (vp, C),
+        "wpe.embedding": (T, C),
+        "h.ln_1.scale": (L, C),
+        "h.ln_1.bias": (L, C),
+        "h.attn.c_attn.kernel": (L, C, 3 * C),
+        "h.attn.c_attn.bias": (L, 3 * C),
+        "h.attn.c_proj.kernel": (L, C, C),
+        "h.attn.c_proj.bias": (L, C),
+        "h.ln_2.scale": (L, C),
+        "h.ln_2.bias": (L, C),
+        "h.mlp.c_fc.kernel": (L, C, 4 * C),
+        "h.mlp.c_fc.bias": (L, 4 * C),
+        "h.mlp.c_proj.kernel": (L, 4 * C, C),
+        "h.mlp.c_proj.bias": (L, C),
+        "ln_f.scale": (C,),
+        "ln_f.bias": (C,),
+    }
+    assert all(v.dtype == np.float32 for v in flat_params(model).values())
+
+
+def test_init_statistics() -> None:
+    n_embd = 64
+    model = GPT2LMHeadModel(tiny(n_embd=n_embd), rngs=nnx.Rngs(0))
+    p = flat_params(model)
+    proj_std = 0.02 / math.sqrt(2 * L)
+    for name, std in [
+        ("wte.embedding", 0.02),
+        ("wpe.embedding", 0.02),
+        ("h.attn.c_attn.kernel", 0.02),
+        ("h.mlp.c_fc.kernel", 0.02),
+        ("h.attn.c_proj.kernel", proj_std),
+        ("h.mlp.c_proj.kernel", proj_std),
+    ]:
+        x = p[name][:V] if name == "wte.embedding" else p[name]
+        assert x.std() == pytest.approx(std, rel=0.06), name
+        assert abs(x.mean()) < 0.1 * std, name
+    assert not p["wte.embedding"][V:].any()  # vocabulary padding rows start at zero
+    for name, x in p.items():
+        if name.endswith("bias"):
+            assert not x.any(), name
+        if name.endswith("scale"):
+            assert (x == 1.0).all(), name
+
+
+def test_dropout_only_with_a_key() -> None:
+    model = GPT2LMHeadModel(tiny(dropout=0.1), rngs=nnx.Rngs(0))
+    ids = jnp.asarray(random_ids((2, 16)))
+    plain = np.asarray(forward(model, ids))
+    np.testing.assert_array_equal(np.asarray(forward(model, ids)), plain)  # deterministic without a key
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    d1 = np.asarray(forward(model, ids, dropout_key=k1))
+    np.testing.assert_array_equal(np.asarray(forward(model, ids, dropout_key=k1)), d1)  # same key, same mask
+    d2 = np.asarray(forward(model, ids, dropout_key=k2))
+    assert np.abs(d1 - plain).max() > 1e-3
+    assert np.abs(d1 - d2).max() > 1e-3
+    # With dropout 0 a key changes nothing.
+    no_dropout = GPT2LMHeadModel(tiny(dropout=0.0), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(
+        np.asarray(forward(no_dropout, ids, dropout_key=k1)), np.asarray(forward(no_dropout, ids))
+    )
+
+
+def test_segment_ids_block_attention_across_documents() -> None:
+    model = GPT2LMHeadModel(tiny(), rngs=nnx.Rngs(0))
+    ids = random_ids((1, 16), seed=3)
+    a, b = ids[:, :6], ids[:, 6:]
+    segments = jnp.asarray([[0] * 6 + [1] * 10])
+    positions = jnp.asarray([list(range(6)) + list(range(10))])
+    packed = np.asarray(forward(model, jnp.asarray(ids), positions=positions, segment_ids=segments))
+    np.testing.assert_allclose(packed[:, :6], np.asarray(forward(model, jnp.asarray(a))), atol=1e-5)
+    np.testing.assert_allclose(packed[:, 6:], np.asarray(forward(model, jnp.asarray(b))), atol=1e-5)
+    # Without segment ids, document B does see A.
+    unmasked = np.asarray(forward(model, jnp.asarray(ids), positions=positions))
+    assert np.abs(unmasked[:, 6:] - packed[:, 6:]).max() > 1e-3
+
+
+def _loss_and_grads(model: GPT2LMHeadModel, ids: jax.Array, key: jax.Array):
+    graphdef, state = nnx.split(model)
+
+    def loss_fn(state):
+        logits = nnx.merge(graphdef, state)(ids[:, :-1], dropout_key=key)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean(), logits
+
+    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state)
+    return loss, logits, nnx.to_pure_dict(grads)
+
+
+def test_remat_gives_same_logits_and_gradients() -> None:
+    ids = jnp.asarray(random_ids((2, 17), seed=5))
+    key = jax.random.key(7)  # dropout on: the recomputed forward must draw the same masks
+    results = {
+        remat: _loss_and_grads(GPT2LMHeadModel(tiny(dropout=0.1), rngs=nnx.Rngs(0), remat=remat), ids, key)
+        for remat in ("none", "block", "dots")
+    }
+    loss0, logits0, grads0 = results["none"]
+    for remat in ("block", "dots"):
+        loss, logits, grads = results[remat]
+        np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+        np.testing.assert_allclose(logits, logits0, rtol=1e-5, atol=1e-6)
+        for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
+            np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-7)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads0)) > 1e-3
