@@ -148,7 +148,9 @@ class GPT2:
         cfg = self.run_config(
             data, mesh, batch_size=batch_size, num_steps=num_steps, output_dir=str(output_dir), **train_kwargs
         )
-        if not overwrite:  # before training, not after it: the export goes into output_dir
+        # Before training, not after it: the export goes into output_dir. (A training folder, with
+        # run.json, is checked against its checkpoints by fit, with a more precise message.)
+        if not overwrite and "://" not in str(output_dir) and not (Path(output_dir) / "run.json").exists():
             check_not_other_model(output_dir, self.config)
         sample = lambda params, step: self._sample_text(params, cfg.train.sample_prompt)
         result = fit(
