@@ -210,10 +210,12 @@ class GPT2LMHeadModel(nnx.Module):
             keys = jax.random.split(k_blocks, (self.config.n_layer, 3))  # 3 dropouts per block
         x = self._blocks(x, mask, (b, t), keys)
         x = self.ln_f(x)
-        # Tied head: logits = x @ wte^T, in float32; the padded vocabulary rows are cut off.
-        wte = self.wte.embedding[...]
+        # Tied head: logits = x @ wte[:V]^T in float32. The padding rows are cut from the weight, not
+        # from the logits: slicing (B*T, V') logits costs a copy forward and a pad backward (XLA:CPU
+        # head step 27 ms -> 19 ms at V=2000, B*T=2048).
+        wte = self.wte.embedding[...][: self.vocab_size]
         logits = jnp.dot(x, wte.astype(x.dtype).T, preferred_element_type=jnp.float32)
-        return logits[:, : self.vocab_size].reshape(b, t, self.vocab_size)
+        return logits.reshape(b, t, self.vocab_size)
 
     def _blocks(self, x: Array, mask: Array, shape: tuple[int, int], keys: Array | None) -> Array:
         def body(x: Array, block: Block, layer_keys: Array | None) -> Array:
