@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from transformers import GPT2Config
 
@@ -49,7 +48,7 @@ class GPT2:
     model_folder: a folder written by `save` (weights, config.json and tokenizer files);
     config: a `GPT2Config` or a config.json path; the tokenizer comes from vocab_file + merges_file,
     tokenizer_file, a `tokenizers.Tokenizer` (tokenizer=), or model_folder. dtype is the compute
-    dtype (parameters stay float32); remat: none | block | dots.
+    dtype (auto: bfloat16 on TPU/GPU, float32 on CPU; parameters stay float32); remat: none | block | dots.
     """
 
     def __init__(
@@ -62,7 +61,7 @@ class GPT2:
         tokenizer_file: PathLike | None = None,
         tokenizer: Any = None,
         seed: int = 42,
-        dtype: str = "float32",
+        dtype: str = "auto",
         remat: str = "none",
         vocab_multiple: int = 128,
     ):
@@ -82,7 +81,7 @@ class GPT2:
         self.model = GPT2LMHeadModel(
             self.config,
             rngs=nnx.Rngs(seed),
-            dtype=jnp.dtype(dtype),
+            dtype=dtype,
             remat=remat,
             vocab_multiple=vocab_multiple,
         )

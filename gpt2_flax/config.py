@@ -37,8 +37,8 @@ class ModelConfig:
     dropout: float = 0.0  # every dropout of GPT-2 (embedding, attention, residual)
     layer_norm_epsilon: float = 1e-5
     # Compute dtype of matmuls; parameters and optimizer state stay float32, softmax and loss are
-    # float32. float32 is the default because bf16 is slower than fp32 on most CPUs.
-    dtype: str = "float32"
+    # float32. auto = bfloat16 on TPU/GPU, float32 on CPU (where bf16 is slower than fp32).
+    dtype: str = "auto"
     # The embedding is padded to a multiple of this (5000 -> 5120) so the vocab matmul tiles the
     # 128-wide TPU MXU; logits and exports show the true vocabulary only.
     vocab_multiple: int = 128
@@ -55,8 +55,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.remat not in ("none", "block", "dots"):
             raise ConfigError(f"model.remat must be none, block or dots, got {self.remat!r}")
 

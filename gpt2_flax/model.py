@@ -40,6 +40,15 @@ def _const(value: float, names: tuple[str | None, ...]) -> Any:
     return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
+def compute_dtype(dtype: Any, platform: str | None = None) -> jnp.dtype:
+    """ "auto" -> bfloat16 on TPU/GPU (the MXU and tensor cores' type), float32 on CPU (where bf16 is
+    slower than fp32); anything else is taken as a dtype name."""
+    if isinstance(dtype, str) and dtype == "auto":
+        platform = platform or jax.default_backend()
+        return jnp.dtype(jnp.bfloat16 if platform in ("tpu", "gpu", "cuda", "rocm") else jnp.float32)
+    return jnp.dtype(dtype)
+
+
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
@@ -155,14 +164,14 @@ class GPT2LMHeadModel(nnx.Module):
         config: GPT2Config,
         *,
         rngs: nnx.Rngs | None = None,
-        dtype: Any = jnp.float32,
+        dtype: Any = "auto",
         vocab_multiple: int = 128,
         remat: str = "none",
     ):
         _check_supported(config)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
-        self.dtype = jnp.dtype(dtype)
+        self.dtype = compute_dtype(dtype)
         self.remat = remat
         self.vocab_size = config.vocab_size
         vp = padded_vocab_size(config.vocab_size, vocab_multiple)

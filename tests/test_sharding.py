@@ -178,3 +178,23 @@ def test_bad_layouts_for_training() -> None:
     with pytest.raises(ConfigError, match="multiple of 32"):
         build(model, cfg)
     assert make_mesh(MeshConfig(data=-1)).shape["data"] == 8
+
+
+def test_precision_policy() -> None:
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config, compute_dtype
+
+    assert compute_dtype("auto", "tpu") == jnp.bfloat16 and compute_dtype("auto", "gpu") == jnp.bfloat16
+    assert compute_dtype("auto", "cpu") == jnp.float32  # bf16 is slower than fp32 on CPUs
+    g = build_gpt2_config(300, 16, 0.0, 32, 2, 4)
+    fp32 = GPT2LMHeadModel(g, rngs=nnx.Rngs(0), dtype="float32")
+    bf16 = GPT2LMHeadModel(g, rngs=nnx.Rngs(0), dtype="bfloat16")
+    # Parameters stay float32 whatever the compute dtype; logits (and so the loss) are float32.
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16))} == {jnp.dtype(jnp.float32)}
+    ids = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 300
+    lo = bf16(ids)
+    assert lo.dtype == jnp.float32
+    np.testing.assert_allclose(lo, fp32(ids), atol=0.05)  # bf16 matmuls: close, not equal
+    assert not np.array_equal(lo, fp32(ids))
