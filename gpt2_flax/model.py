@@ -106,7 +106,8 @@ class Attention(nnx.Module):
         self.c_attn = Linear(c, 3 * c, cfg.initializer_range, ("embed", "qkv"), rngs)
         self.c_proj = Linear(c, c, proj_std, ("heads", "embed"), rngs)
 
-    def __call__(self, x: Array, mask: Array, shape: tuple[int, int], keys: Array | None) -> Array:
+    def __call__(self, x: Array, mask: Array | None, shape: tuple[int, int], keys: Array | None) -> Array:
+        """mask: (B, 1, T, T) allowed pairs for packed documents, or None for plain causal rows."""
         b, t = shape
         c = x.shape[-1]
         h, d = self.n_head, c // self.n_head
@@ -114,12 +115,25 @@ class Attention(nnx.Module):
         # Heads split over the tensor axis (a no-op without one): attention is then local per device.
         qkv = constrain(qkv, ("batch", None, None, "heads", None))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, D) each
+        if mask is None and _fused_attention_ok(x.dtype, self.rate if keys is not None else 0.0):
+            # cuDNN flash attention: no (T, T) scores in memory (H100, GPT-2 124M at T=1024: the
+            # explicit path below ran the train step 2.8x slower than torch.compile's SDPA).
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+            return dropout(self.c_proj(y.reshape(b * t, c)), self.rate, None if keys is None else keys[1])
+        if mask is None:
+            mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]  # (1, 1, T, T) causal
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # mask: (B or 1, 1, T, T)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # softmax in float32
         probs = dropout(probs, self.rate, None if keys is None else keys[0])
         y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b * t, c)
         return dropout(self.c_proj(y), self.rate, None if keys is None else keys[1])
+
+
+def _fused_attention_ok(dtype: Any, dropout_rate: float) -> bool:
+    """cuDNN's fused attention: GPUs, 16-bit compute, no dropout on the attention probabilities.
+    Elsewhere (CPU, TPU, fp32) the explicit einsum path is used; on XLA:CPU it is the faster one."""
+    return jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 and dropout_rate == 0.0
 
 
 class MLP(nnx.Module):
@@ -145,7 +159,7 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, eps, rngs)
         self.mlp = MLP(cfg, proj_std, rngs)
 
-    def __call__(self, x: Array, mask: Array, shape: tuple[int, int], keys: Array | None) -> Array:
+    def __call__(self, x: Array, mask: Array | None, shape: tuple[int, int], keys: Array | None) -> Array:
         x = x + self.attn(self.ln_1(x), mask, shape, None if keys is None else keys[:2])
         return x + self.mlp(self.ln_2(x), None if keys is None else keys[2])
 
@@ -207,9 +221,10 @@ class GPT2LMHeadModel(nnx.Module):
             raise ValueError(f"sequence length {t} exceeds the context n_positions={self.config.n_positions}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]  # (1, 1, T, T) causal
+        mask = None  # plain causal rows: the attention builds (or fuses) the causal mask itself
         if segment_ids is not None:
-            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+            causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
+            mask = causal & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         x = self.wte.embedding[...][input_ids] + self.wpe.embedding[...][positions]  # (B, T, C)
         x = x.reshape(b * t, -1).astype(self.dtype)  # 2-D activations through the blocks
         keys = None
