@@ -24,12 +24,12 @@ def _setup(config: str, overrides: list[str]):
     from flax import nnx
 
     from gpt2_flax.config import load_config
-    from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config
+    from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of
     from gpt2_flax.train import build
 
     cfg = load_config(config, ["mesh.data=1", *overrides])
     m = cfg.model
-    gcfg = build_gpt2_config(m.vocab_size, m.n_positions, 0.0, m.n_embd, m.n_layer, m.n_head)
+    gcfg = gpt2_config_of(m)
     model = GPT2LMHeadModel(gcfg, rngs=nnx.Rngs(0))
     return cfg, build(model, cfg)
 

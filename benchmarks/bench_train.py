@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def bench_ours(cfg, batches: list[np.ndarray], warmup: int) -> float:
     import jax
 
-    from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config
+    from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of
     from gpt2_flax.train import build, to_global
 
     m = cfg.model
-    gcfg = build_gpt2_config(m.vocab_size, m.n_positions, m.dropout, m.n_embd, m.n_layer, m.n_head)
+    gcfg = gpt2_config_of(m)
     from flax import nnx
 
     model = GPT2LMHeadModel(gcfg, rngs=nnx.Rngs(0), dtype=m.dtype, remat=m.remat)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from gpt2_flax.config import Config
 from gpt2_flax.metrics import flops_per_token
-from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config, compute_dtype
+from gpt2_flax.model import GPT2LMHeadModel, compute_dtype, gpt2_config_of
 from gpt2_flax.sharding import batch_sharding, make_mesh
 from gpt2_flax.train import plan
 
@@ -102,7 +102,7 @@ def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
     cores_per_chip = len(devices) // len({tuple(d.coords) for d in devices})
     mesh = make_mesh(cfg.mesh, devices)
     m = cfg.model
-    gcfg = build_gpt2_config(m.vocab_size, m.n_positions, m.dropout, m.n_embd, m.n_layer, m.n_head)
+    gcfg = gpt2_config_of(m)
     abstract = nnx.eval_shape(
         lambda: GPT2LMHeadModel(
             gcfg, dtype=compute_dtype(m.dtype, "tpu"), remat=m.remat, vocab_multiple=m.vocab_multiple

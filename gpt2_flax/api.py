@@ -20,7 +20,7 @@ from transformers import GPT2Config
 from gpt2_flax.config import Config, ConfigError, DataConfig, MeshConfig, TrainConfig
 from gpt2_flax.convert import check_not_other_model, export_pretrained, load_hf_state_dict, read_weights
 from gpt2_flax.generate import make_sampler, sample_ids
-from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config, model_config_of
+from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of, model_config_of
 from gpt2_flax.tokenizer import EOS, eos_token_id, load_tokenizer, tokenizer_fingerprint
 
 PathLike = str | Path
@@ -308,16 +308,7 @@ def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True,
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
     data = _run_dataset(cfg, files, tokenizer)
     m = cfg.model
-    config = build_gpt2_config(
-        m.vocab_size,
-        m.n_positions,
-        m.dropout,
-        m.n_embd,
-        m.n_layer,
-        m.n_head,
-        eos_token_id=eos_token_id(tokenizer),
-        layer_norm_epsilon=m.layer_norm_epsilon,
-    )
+    config = gpt2_config_of(m, eos_token_id=eos_token_id(tokenizer))
     ai = GPT2(
         config=config,
         tokenizer=tokenizer,

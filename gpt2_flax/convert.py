@@ -242,7 +242,7 @@ def export_checkpoint(
 
     from gpt2_flax.checkpoint import Checkpointer
     from gpt2_flax.config import config_from_dict
-    from gpt2_flax.model import build_gpt2_config
+    from gpt2_flax.model import gpt2_config_of
     from gpt2_flax.tokenizer import eos_token_id, load_tokenizer
 
     run_dir = Path(run_dir)
@@ -251,16 +251,7 @@ def export_checkpoint(
         raise FileNotFoundError(f"{run_dir} is not a training output_dir (it has no run.json)")
     cfg = config_from_dict(json.loads(run_file.read_text())["config"]).model
     tokenizer = load_tokenizer(tokenizer_file=run_dir / "run_tokenizer.json")
-    gpt2 = build_gpt2_config(
-        cfg.vocab_size,
-        cfg.n_positions,
-        cfg.dropout,
-        cfg.n_embd,
-        cfg.n_layer,
-        cfg.n_head,
-        eos_token_id=eos_token_id(tokenizer),
-        layer_norm_epsilon=cfg.layer_norm_epsilon,
-    )
+    gpt2 = gpt2_config_of(cfg, eos_token_id=eos_token_id(tokenizer))
     abstract = nnx.eval_shape(lambda: GPT2LMHeadModel(gpt2, vocab_multiple=cfg.vocab_multiple))
     graphdef, state = nnx.split(abstract)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

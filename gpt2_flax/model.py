@@ -321,3 +321,17 @@ def model_config_of(config: GPT2Config, **extra: Any) -> ModelConfig:
         layer_norm_epsilon=float(config.layer_norm_epsilon),
         **extra,
     )
+
+
+def gpt2_config_of(cfg: ModelConfig, eos_token_id: int = 0) -> GPT2Config:
+    """The transformers GPT2Config of a ModelConfig (the YAML side of the same model)."""
+    return build_gpt2_config(
+        cfg.vocab_size,
+        cfg.n_positions,
+        cfg.dropout,
+        cfg.n_embd,
+        cfg.n_layer,
+        cfg.n_head,
+        eos_token_id=eos_token_id,
+        layer_norm_epsilon=cfg.layer_norm_epsilon,
+    )

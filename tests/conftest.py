@@ -13,6 +13,7 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}=8".strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+import contextlib  # noqa: E402
 import random  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -117,3 +118,22 @@ def _compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class InterruptedAt(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def interrupted_at(dataset, step: int):
+    """Within it, asking `dataset` for batch `step` fails, like a Ctrl-C or a preempted VM would."""
+    real = dataset.get_batch
+
+    def get_batch(s, *args, **kwargs):
+        if s == step:
+            raise InterruptedAt(s)
+        return real(s, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dataset, "get_batch", get_batch)
+        yield

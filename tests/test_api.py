@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -12,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import InterruptedAt, interrupted_at
 from flax import nnx
 from flax.nnx import traversals
 
@@ -36,25 +36,6 @@ def assert_same_params(a, b) -> None:
 def small_config(vocab_size: int, **kwargs):
     args = dict(vocab_size=vocab_size, max_length=32, n_embd=32, n_layer=2, n_head=4)
     return build_gpt2_config(**{**args, **kwargs})
-
-
-class InterruptedAt(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def interrupted_at(dataset, step: int):
-    """Within it, asking `dataset` for batch `step` fails, like a Ctrl-C or a preempted VM would."""
-    real = dataset.get_batch
-
-    def get_batch(s, *args, **kwargs):
-        if s == step:
-            raise InterruptedAt(s)
-        return real(s, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dataset, "get_batch", get_batch)
-        yield
 
 
 # ----------------------------------------------------------------------------- the walkthrough

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import InterruptedAt, interrupted_at
 from flax import nnx
 
 from gpt2_flax import GPT2, GPT2LMHeadModel, build_gpt2_config
@@ -38,25 +38,6 @@ def pure_params(ai: GPT2) -> list[np.ndarray]:
 
 def metrics_steps(out_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-class InterruptedAt(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def interrupted_at(dataset, step: int):
-    """Within it, asking `dataset` for batch `step` fails, like a Ctrl-C or a preempted VM would."""
-    real = dataset.get_batch
-
-    def get_batch(s, *args, **kwargs):
-        if s == step:
-            raise InterruptedAt(s)
-        return real(s, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dataset, "get_batch", get_batch)
-        yield
 
 
 # ----------------------------------------------------------------------------- learning
