@@ -56,8 +56,10 @@ def test_train_writes_all_files_with_eos_first(trained: dict[str, str]) -> None:
 def test_load_routes_and_transformers_encode_identically(trained: dict[str, str], tmp_path: Path) -> None:
     from_json = load_tokenizer(tokenizer_file=trained["json"])
     from_pair = load_tokenizer(vocab_file=trained["vocab"], merges_file=trained["merges"])
-    # transformers v5's GPT2TokenizerFast(vocab_file=...) no longer reads files itself; from_pretrained
-    # on a folder with GPT-2's file names is the route that works in v4 and v5.
+    # The seed page's call: GPT2TokenizerFast(vocab_file, merges_file), positionally. (In
+    # transformers v5 the keyword form vocab_file=... builds an empty vocabulary; from_pretrained on
+    # a folder with GPT-2's file names works in v4 and v5.)
+    hf_positional = transformers.GPT2TokenizerFast(trained["vocab"], trained["merges"])
     shutil.copy(trained["vocab"], tmp_path / "vocab.json")
     shutil.copy(trained["merges"], tmp_path / "merges.txt")
     hf_pair = transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path))
@@ -65,6 +67,7 @@ def test_load_routes_and_transformers_encode_identically(trained: dict[str, str]
     for text in (VARIED, f"one{EOS}two", " ", "\n\n \n"):
         expected = from_json.encode(text).ids
         assert from_pair.encode(text).ids == expected
+        assert hf_positional(text)["input_ids"] == expected
         assert hf_pair(text)["input_ids"] == expected
         assert hf_json(text)["input_ids"] == expected
     assert tokenizer_fingerprint(from_json) == tokenizer_fingerprint(from_pair)
