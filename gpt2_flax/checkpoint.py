@@ -54,6 +54,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._last_saved: int | None = None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -65,7 +66,12 @@ class Checkpointer:
         self, step: int, params: Any, opt_state: Any, meta: dict[str, Any], *, force: bool = False
     ) -> bool:
         """Starts an asynchronous save; training continues while it is written. Parameters and
-        optimizer state are separate items so an export can restore parameters alone."""
+        optimizer state are separate items so an export can restore parameters alone. A step that
+        is already saved (a stop signal right after a periodic save, a resume that stops at once)
+        is not written again."""
+        if step == self._last_saved or step in self._manager.all_steps():
+            return False
+        self._last_saved = step
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),

@@ -71,6 +71,27 @@ def test_api_resume_is_bitwise(
     assert _metrics(tmp_path) == _metrics(uninterrupted)
 
 
+def test_stop_right_after_a_periodic_save(
+    tokenizer_files, tiny_config, dataset, uninterrupted, tmp_path, monkeypatch
+) -> None:
+    # A SIGTERM that lands on a save step (save_every=3, stop after step 6): one checkpoint at 6,
+    # exit cleanly, and the resumed run still ends bit-identical.
+    from gpt2_flax.preemption import StopRequest
+
+    monkeypatch.setattr(StopRequest, "should_stop", lambda self, step: step == 6)
+    ai = _fresh(tokenizer_files, tiny_config)
+    ai.train(dataset, output_dir=tmp_path, progress=False, **TRAIN)
+    assert ai.stopped_early and Checkpointer(tmp_path / "checkpoints").latest_step() == 6
+    monkeypatch.undo()
+    _fresh(tokenizer_files, tiny_config).train(dataset, output_dir=tmp_path, progress=False, **TRAIN)
+    _assert_bitwise(_params(tmp_path), _params(uninterrupted))
+    # Resuming with stop_at_step at the checkpoint itself trains nothing and fails nothing.
+    again = _fresh(tokenizer_files, tiny_config)
+    again.train(dataset, output_dir=tmp_path / "b", progress=False, stop_at_step=3, **TRAIN)
+    again.train(dataset, output_dir=tmp_path / "b", progress=False, stop_at_step=3, **TRAIN)
+    assert again.stopped_early and Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 3
+
+
 def test_train_further_after_finishing(tokenizer_files, tiny_config, dataset, uninterrupted) -> None:
     # The finished run's folder refuses the same num_steps, with the ways forward in the message.
     with pytest.raises(TrainingError, match="already holds a run trained to step 12"):
