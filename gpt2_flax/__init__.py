@@ -18,6 +18,7 @@ _EXPORTS = {
     "GPT2LMHeadModel": "gpt2_flax.model",
     "Config": "gpt2_flax.config",
     "ConfigError": "gpt2_flax.config",
+    "TrainingError": "gpt2_flax.checkpoint",
     "load_config": "gpt2_flax.config",
     "TokenDataset": "gpt2_flax.data",
     "merge_datasets": "gpt2_flax.data",

@@ -142,7 +142,7 @@ class GPT2:
         max_grad_norm, seed, save_every, generate_every, log_every, ...). Resumes automatically
         from checkpoints in `output_dir`. Returns the logged metrics.
         """
-        from gpt2_flax.train import fit
+        from gpt2_flax.loop import fit
 
         cfg = self.run_config(
             data, mesh, batch_size=batch_size, num_steps=num_steps, output_dir=str(output_dir), **train_kwargs

@@ -16,7 +16,7 @@ from flax import nnx
 from flax.nnx import traversals
 
 from gpt2_flax import GPT2, ConfigError, TokenDataset, build_gpt2_config, train_tokenizer
-from gpt2_flax.train import TrainingError
+from gpt2_flax.checkpoint import TrainingError
 
 PROMPT = "ROMEO:"
 

@@ -248,8 +248,9 @@ def _restore_logits(run: Path, mesh: dict[str, int], ids: np.ndarray) -> np.ndar
     from flax import nnx
 
     from gpt2_flax.config import config_from_dict
+    from gpt2_flax.loop import maybe_resume
     from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config
-    from gpt2_flax.train import build, maybe_resume
+    from gpt2_flax.train import build
 
     cfg = config_from_dict(json.loads((run / "run.json").read_text())["config"])
     cfg = config_from_dict({**cfg.to_dict(), "mesh": mesh})

@@ -16,8 +16,9 @@ from conftest import InterruptedAt, interrupted_at
 from flax import nnx
 
 from gpt2_flax import GPT2, GPT2LMHeadModel, build_gpt2_config
+from gpt2_flax.checkpoint import TrainingError
 from gpt2_flax.config import Config, DataConfig, ModelConfig, TrainConfig
-from gpt2_flax.train import TrainingError, build, lr_schedule, make_optimizer, to_global
+from gpt2_flax.train import build, lr_schedule, make_optimizer, to_global
 
 BLOCK = 32
 

@@ -1,0 +1,230 @@
+"""The training loop: resume, feed prefetched batches to the jitted step, log, evaluate, save, stop.
+
+Everything here runs on the host around `train.train_step`; the only device syncs are at log
+points (metrics), at saves (the NaN check) and at evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2_flax.checkpoint import Checkpointer, TrainingError, open_run_dir, state_bytes, trim_metrics
+from gpt2_flax.config import Config, TrainConfig
+from gpt2_flax.metrics import MetricsLogger, flops_per_token
+from gpt2_flax.model import GPT2LMHeadModel, count_params
+from gpt2_flax.preemption import StopRequest
+from gpt2_flax.train import Setup, TrainState, build, to_global
+
+
+def maybe_resume(setup: Setup, ckpt: Checkpointer, num_steps: int) -> int:
+    """Restores the latest complete checkpoint onto this run's shardings; returns its step."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return 0
+    if latest >= num_steps:
+        raise TrainingError(
+            f"{ckpt.directory} already holds a run trained to step {latest} (num_steps={num_steps}); "
+            f"pass num_steps > {latest} to train it further, another output_dir for a new run, "
+            "or overwrite=True to start over there"
+        )
+    target = setup.abstract_state
+    out = ckpt.restore(latest, target.params, target.opt_state)
+    step = jax.device_put(jnp.int32(out["meta"]["step"]), setup.state_shardings.step)
+    setup.state = TrainState(step, out["params"], out["opt_state"])
+    return latest
+
+
+@dataclass
+class FitResult:
+    params: dict[str, Any]
+    graphdef: Any
+    final_step: int
+    history: list[dict[str, Any]]
+    stopped_early: bool  # by a signal or stop_at_step: resume with the same output_dir
+
+
+def fit(
+    model: GPT2LMHeadModel,
+    dataset: Any,
+    cfg: Config,
+    *,
+    tokenizer: Any,
+    overwrite: bool = False,
+    sample_fn: Callable[[Any, int], str] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Trains `model` on `dataset` for cfg.train.num_steps, resuming from output_dir if it can."""
+    tc = cfg.train
+    setup = build(model, cfg)
+    out = open_run_dir(
+        cfg, tokenizer, overwrite=overwrite, checkpoint_bytes=state_bytes(setup.abstract_state)
+    )
+    ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
+    try:
+        start = maybe_resume(setup, ckpt, tc.num_steps)
+        trim_metrics(out, start)
+        tokens_per_step = tc.batch_size * dataset.block_size
+        flops = flops_per_token(
+            count_params(model), model.config.n_layer, model.config.n_embd, dataset.block_size
+        )
+        logger = MetricsLogger(
+            out,
+            tc.num_steps,
+            start,
+            tokens_per_step,
+            flops * tokens_per_step,
+            enabled=jax.process_index() == 0,
+            progress=progress,
+        )
+        if start:
+            logger.write(f"gpt2-flax: resuming from checkpoint step {start} in {ckpt.directory}")
+        with StopRequest() as stop:
+            history, stopped = _loop(_Run(setup, dataset, tc, ckpt, logger, stop, sample_fn), start)
+        final = int(jax.device_get(setup.state.step))
+        _save(ckpt, final, setup.state, tc.seed, force=True)
+        ckpt.wait()  # the last checkpoint is complete before we return (or the process exits)
+        if stopped:
+            logger.write(
+                f"gpt2-flax: stopped at step {final}; checkpoint written to {ckpt.directory}. "
+                "Run the same command (same output_dir) to resume."
+            )
+        logger.close()
+    finally:
+        ckpt.close()
+    return FitResult(setup.state.params, setup.graphdef, final, history, stopped)
+
+
+@dataclass
+class _Run:
+    """What the step loop works with, bundled (the loop body is long enough without 10 arguments)."""
+
+    setup: Setup
+    dataset: Any
+    tc: TrainConfig
+    ckpt: Checkpointer
+    logger: MetricsLogger
+    stop: StopRequest
+    sample_fn: Callable[[Any, int], str] | None
+
+
+def _loop(run: _Run, start: int) -> tuple[list[dict[str, Any]], bool]:
+    """Feeds prefetched batches to the steps. Returns (history, stopped early)."""
+    tc = run.tc
+    end = min(tc.num_steps, tc.stop_at_step or tc.num_steps)
+    # A background thread prepares the next batches (numpy only) while the device computes.
+    batches = run.dataset.iter_batches(
+        tc.batch_size,
+        seed=tc.seed,
+        start_step=start,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_steps=end - start,
+        prefetch=2,
+    )
+    try:
+        history, stopped = _steps(run, batches, start, end)
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()
+    return history, stopped or end < tc.num_steps
+
+
+def _steps(run: _Run, batches: Any, start: int, end: int) -> tuple[list[dict[str, Any]], bool]:
+    """The step loop: one host sync per log point, checkpoints, samples, and the stop check."""
+    setup, tc = run.setup, run.tc
+    history: list[dict[str, Any]] = []
+    pending: list[dict[str, jax.Array]] = []  # device arrays: no sync until the log point
+    last_save = time.monotonic()
+    for step, local in zip(range(start, end), batches, strict=True):
+        setup.state, metrics = setup.step_fn(setup.state, to_global(local, setup.mesh))
+        pending.append(metrics)
+        done = step + 1
+        timed_save = False
+        eval_due = _eval_due(run.dataset, tc, done, end)
+        if done % tc.log_every == 0 or done == end or eval_due:
+            extra = evaluate(setup, run.dataset.validation, tc) if eval_due else {}
+            history.append(_log(run.logger, pending, done, setup.schedule, extra))
+            pending = []
+            timed_save = _time_to_save(tc, last_save)
+        if done < end and (timed_save or (tc.save_every and done % tc.save_every == 0)):
+            _check_finite(pending, done)  # never checkpoint a NaN state
+            _save(run.ckpt, done, setup.state, tc.seed)
+            last_save = time.monotonic()
+        if run.sample_fn is not None and tc.generate_every and done % tc.generate_every == 0:
+            sample = run.sample_fn(setup.state.params, done)  # every process: the sampler is a collective
+            run.logger.write(f"--- sample at step {done} ---\n{sample}")
+        if done < end and run.stop.should_stop(done):
+            _check_finite(pending, done)
+            return history, True
+    return history, False
+
+
+def _eval_due(dataset: Any, tc: TrainConfig, done: int, end: int) -> bool:
+    if not tc.eval_every or getattr(dataset, "validation", None) is None:
+        return False
+    return done % tc.eval_every == 0 or done == end
+
+
+def evaluate(setup: Setup, validation: Any, tc: TrainConfig) -> dict[str, float]:
+    """Mean loss over the validation batches (every real token weighs the same) and its perplexity."""
+    total, count = 0.0, 0.0
+    for local in validation.eval_batches(
+        tc.batch_size,
+        tc.eval_batches or None,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    ):
+        s, n = jax.device_get(setup.eval_fn(setup.state.params, to_global(local, setup.mesh)))
+        total, count = total + float(s), count + float(n)
+    loss = total / max(count, 1.0)
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _time_to_save(tc: TrainConfig, last_save: float) -> bool:
+    """Minutes-based saves, decided by process 0 so that every host saves at the same step."""
+    if not tc.save_every_minutes:
+        return False
+    due = time.monotonic() - last_save >= 60 * tc.save_every_minutes
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+    return due
+
+
+def _save(ckpt: Checkpointer, step: int, state: TrainState, seed: int, force: bool = False) -> None:
+    ckpt.save(step, state.params, state.opt_state, {"seed": seed}, force=force)
+
+
+def _check_finite(pending: list[dict[str, jax.Array]], step: int) -> None:
+    """The loss of every pending step, and the parameters after it, must be finite: a step can
+    return a finite loss and still write inf/NaN parameters."""
+    for m in jax.device_get(pending):
+        bad = [k for k in ("loss", "param_norm") if not math.isfinite(float(m[k]))]
+        if bad:
+            raise TrainingError(
+                f"{' and '.join(bad)} became {float(m[bad[0]])} by step {step}; the last good checkpoint "
+                "is kept. Lower the learning rate or check the data."
+            )
+
+
+def _log(
+    logger: MetricsLogger,
+    pending: list[dict[str, jax.Array]],
+    step: int,
+    schedule: Any,
+    extra: dict[str, float],
+) -> dict[str, Any]:
+    host = jax.device_get(pending)  # the one sync per log interval
+    _check_finite(host, step)
+    metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    metrics["learning_rate"] = float(schedule(step - 1))
+    return logger.log(step, {**metrics, **extra})
