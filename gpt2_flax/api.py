@@ -21,6 +21,7 @@ from gpt2_flax.config import Config, ConfigError, DataConfig, MeshConfig, TrainC
 from gpt2_flax.convert import check_not_other_model, export_pretrained, load_hf_state_dict, read_weights
 from gpt2_flax.generate import make_sampler, sample_ids
 from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of, model_config_of
+from gpt2_flax.sharding import init_sharded
 from gpt2_flax.tokenizer import EOS, eos_token_id, load_tokenizer, tokenizer_fingerprint
 
 PathLike = str | Path
@@ -78,12 +79,11 @@ class GPT2:
         self.dtype, self.remat, self.vocab_multiple = dtype, remat, vocab_multiple
         self._sampler: tuple[Any, Any] | None = None  # (model, its jitted sampler)
         self.stopped_early = False  # set by train: stopped by a signal or stop_at_step
-        self.model = GPT2LMHeadModel(
-            self.config,
-            rngs=nnx.Rngs(seed),
-            dtype=dtype,
-            remat=remat,
-            vocab_multiple=vocab_multiple,
+        config = self.config
+        self.model = init_sharded(
+            lambda: GPT2LMHeadModel(
+                config, rngs=nnx.Rngs(seed), dtype=dtype, remat=remat, vocab_multiple=vocab_multiple
+            )
         )
         weights = model if model is not None else model_folder
         if weights is not None:

@@ -107,6 +107,18 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict[str, Any]:
     return traversals.unflatten_mapping(flat)
 
 
+def init_sharded(factory: Any, mesh: Mesh | None = None) -> Any:
+    """Builds an NNX model directly on the mesh, never whole on one device: eval_shape the init,
+    derive each parameter's sharding from its logical names, jit the init with out_shardings.
+    The default mesh shards parameters over every device (FSDP), the smallest per-device footprint;
+    training then places them on its own mesh."""
+    mesh = mesh or make_mesh(MeshConfig(data=1, fsdp=-1))
+    graphdef, abstract = nnx.split(nnx.eval_shape(factory))
+    shardings = param_shardings(abstract, mesh)
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(factory())), out_shardings=shardings)()
+    return nnx.merge(graphdef, params)
+
+
 def in_mesh(fn: Any, mesh: Mesh) -> Any:
     """Traces `fn` with `mesh` as the context mesh, so `constrain` calls inside it take effect."""
 

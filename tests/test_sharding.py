@@ -198,3 +198,16 @@ def test_precision_policy() -> None:
     assert lo.dtype == jnp.float32
     np.testing.assert_allclose(lo, fp32(ids), atol=0.05)  # bf16 matmuls: close, not equal
     assert not np.array_equal(lo, fp32(ids))
+
+
+def test_parameters_are_born_sharded(tokenizer_files, tiny_config) -> None:
+    # GPT2(...) never builds the whole model on one device: the init is jitted with out_shardings
+    # over all 8 devices (FSDP), so each device holds 1/8 of every sharded parameter from the start.
+    from gpt2_flax import GPT2
+
+    ai = GPT2(vocab_file=tokenizer_files[0], merges_file=tokenizer_files[1], config=tiny_config)
+    kernel = ai.model.h.mlp.c_fc.kernel[...]  # (L, C, 4C), logical (layers, embed, mlp)
+    assert tuple(kernel.sharding.spec) == (None, "fsdp", "tensor") and len(kernel.sharding.device_set) == 8
+    assert kernel.addressable_shards[0].data.shape == (2, 32 // 8, 128)
+    ids = np.arange(32, dtype=np.int32).reshape(2, 16)
+    assert ai.model(ids).shape == (2, 16, tiny_config.vocab_size)  # still an ordinary model to call
