@@ -20,26 +20,24 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _compile(config: str, topology: str, *overrides: str) -> tuple[int, dict]:
+def _run_compile(config: str, topology: str, *args: str) -> subprocess.CompletedProcess:
     # A subprocess: TPU topology devices live beside the 8 fake CPU devices of the test process.
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpt2_flax.cli",
-            "compile",
-            "--config",
-            str(ROOT / config),
-            "--topology",
-            topology,
-            "--json",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **LIBTPU_ENV, "XLA_FLAGS": ""},
-        timeout=600,
-    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "gpt2_flax.cli",
+        "compile",
+        "--config",
+        str(ROOT / config),
+        "--topology",
+        topology,
+    ]
+    env = {**os.environ, **LIBTPU_ENV, "XLA_FLAGS": ""}
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _compile(config: str, topology: str, *overrides: str) -> tuple[int, dict]:
+    out = _run_compile(config, topology, "--json", *overrides)
     assert out.returncode in (0, 1), out.stderr[-3000:]
     return out.returncode, json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -70,19 +68,5 @@ def test_too_big_reports_does_not_fit() -> None:
 
 
 def test_unknown_topology_is_a_clear_error() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpt2_flax.cli",
-            "compile",
-            "--config",
-            str(ROOT / "configs/tiny.yaml"),
-            "--topology",
-            "v99:1x1",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **LIBTPU_ENV},
-    )
+    out = _run_compile("configs/tiny.yaml", "v99:1x1")
     assert out.returncode == 2 and "v99:1x1" in out.stderr
