@@ -19,8 +19,8 @@ from transformers import GPT2Config
 
 from gpt2_flax.config import Config, ConfigError, DataConfig, MeshConfig, TrainConfig
 from gpt2_flax.convert import check_not_other_model, export_pretrained, load_hf_state_dict, read_weights
-from gpt2_flax.generate import make_sampler, sample_ids
 from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of, model_config_of
+from gpt2_flax.sampling import GenerateArgs, GenerationMixin
 from gpt2_flax.sharding import init_sharded
 from gpt2_flax.tokenizer import EOS, eos_token_id, load_tokenizer, tokenizer_fingerprint
 
@@ -42,7 +42,7 @@ def _load_config(config: GPT2Config | PathLike | None, model_folder: PathLike | 
     return GPT2Config.from_json_file(str(path))
 
 
-class GPT2:
+class GPT2(GenerationMixin):
     """A GPT-2 you train from scratch, sample from, and hand to PyTorch users.
 
     model: weights to start from (`pytorch_model.bin`, `model.safetensors` or a folder);
@@ -77,7 +77,6 @@ class GPT2:
                 f"{vocab} tokens; build the config with vocab_size={vocab}"
             )
         self.dtype, self.remat, self.vocab_multiple = dtype, remat, vocab_multiple
-        self._sampler: tuple[Any, Any] | None = None  # (model, its jitted sampler)
         self.stopped_early = False  # set by train: stopped by a signal or stop_at_step
         config = self.config
         self.model = init_sharded(
@@ -151,7 +150,7 @@ class GPT2:
         # run.json, is checked against its checkpoints by fit, with a more precise message.)
         if not overwrite and "://" not in str(output_dir) and not (Path(output_dir) / "run.json").exists():
             check_not_other_model(output_dir, self.config)
-        sample = lambda params, step: self._sample_text(params, cfg.train.sample_prompt)
+        sample = lambda params, step: self._training_samples(params, cfg.train, step)
         result = fit(
             self.model,
             data,
@@ -171,55 +170,16 @@ class GPT2:
         """Writes config.json, model.safetensors, pytorch_model.bin (with torch) and tokenizer files."""
         return export_pretrained(self.model, self.tokenizer, target_folder, overwrite=overwrite)
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        # Every document in training follows an <|endoftext|>, so prompts start after one too.
-        return [self.eos_token_id, *self.tokenizer.encode(prompt).ids] if prompt else [self.eos_token_id]
-
-    def _sample_text(self, params: Any, prompt: str, **kwargs: Any) -> str:
-        return self.generate(n=1, prompt=prompt, return_as_list=True, _params=params, **kwargs)[0]
-
-    def generate(
-        self,
-        n: int = 1,
-        prompt: str = "",
-        max_length: int = 256,
-        temperature: float = 0.7,
-        top_k: int = 0,
-        top_p: float = 0.9,
-        seed: int | None = None,
-        return_as_list: bool = False,
-        _params: Any = None,
-    ) -> list[str] | None:
-        """n samples of at most max_length tokens (prompt included), each starting with the prompt.
-        Prints them, or returns them with return_as_list=True."""
-        if self._sampler is None or self._sampler[0] is not self.model:
-            self._sampler = (self.model, make_sampler(nnx.graphdef(self.model)))
-        params = _params if _params is not None else nnx.to_pure_dict(nnx.state(self.model))
-        ids = self._prompt_ids(prompt)
-        seed = seed if seed is not None else int.from_bytes(__import__("os").urandom(4), "little")
-        out = sample_ids(
-            self._sampler[1],
-            params,
-            ids,
-            n=n,
-            max_length=max_length + 1,
-            eos_id=self.eos_token_id,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
+    def _training_samples(self, params: Any, tc: TrainConfig, step: int) -> list[str]:
+        """train.n_generate samples at a generate_every step; seeded by the step, so a resumed run
+        writes the same samples again."""
+        args = GenerateArgs(
+            n=tc.n_generate,
+            prompt=tc.sample_prompt,
+            max_new_tokens=min(256, self.config.n_positions),
+            seed=step,
         )
-        texts = [self._decode(row[1:]) for row in out]  # row[0] is the leading <|endoftext|>
-        if return_as_list:
-            return texts
-        print(("\n" + "=" * 10 + "\n").join(texts))
-        return None
-
-    def _decode(self, row: Any) -> str:
-        ids = [int(t) for t in row]
-        if self.eos_token_id in ids:
-            ids = ids[: ids.index(self.eos_token_id)]
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return [t for batch in self._generate_batches(args, params) for t in batch]
 
 
 def _load_tokenizer(

@@ -130,21 +130,45 @@ def cmd_encode(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def cmd_generate(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from gpt2_flax.api import GPT2
+    from gpt2_flax.sampling import GenerateArgs
 
     if extra:
         raise ConfigError(f"unrecognised arguments {list(extra)}")
-    ai = GPT2(model_folder=args.model_folder)
-    texts = ai.generate(
+    prompts: str | list[str] = args.prompt
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompt-file {path} does not exist")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"--prompt-file {path} holds no prompt (one prompt per non-empty line)")
+    stops = [int(s) if s.isdigit() else s.encode().decode("unicode_escape") for s in args.stop or []]
+    kwargs = dict(
         n=args.n,
-        prompt=args.prompt,
+        prompt=prompts,
         max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        min_length=args.min_length,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        stop=stops or None,
         seed=args.seed,
-        return_as_list=True,
+        prepend_bos=not args.no_bos,
     )
-    print(("\n" + "=" * 10 + "\n").join(texts or []))
+    ai = GPT2(model_folder=args.model_folder)
+    if args.to_file:
+        kwargs.pop("n")
+        path = ai.generate_to_file(
+            n=args.n, batch_size=args.batch_size or 1, destination_path=args.to_file, **kwargs
+        )
+        print(f"wrote {args.n * (len(prompts) if isinstance(prompts, list) else 1)} samples to {path}")
+        return 0
+    batches = ai._generate_batches(GenerateArgs(batch_size=args.batch_size, **kwargs), progress=True)
+    texts = [t for batch in batches for t in batch]
+    print(("\n" + "=" * 10 + "\n").join(texts))
     return 0
 
 
@@ -234,11 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from an exported model folder")
     g.add_argument("--model-folder", required=True, help="folder written by train/export/save")
     g.add_argument("--prompt", default="", help="text every sample starts with")
-    g.add_argument("-n", type=int, default=1, help="number of samples (default 1)")
+    g.add_argument("--prompt-file", help="a text file of prompts, one per line (n samples each)")
+    g.add_argument("-n", "--n", type=int, default=1, help="samples per prompt (default 1)")
+    g.add_argument("--batch-size", type=int, default=None, help="samples per device batch (default: all)")
+    g.add_argument("--to-file", help="write the samples to this new file instead of printing them")
     g.add_argument("--max-length", type=int, default=256, help="tokens per sample, prompt included")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="or: tokens after the prompt")
+    g.add_argument("--min-length", type=int, default=None, help="no end or stop before this many tokens")
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0 = off")
     g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9; 1 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat n-grams of this size")
+    g.add_argument("--stop", action="append", help="stop string (\\n escapes work) or token id; repeatable")
+    g.add_argument("--no-bos", action="store_true", help="do not start from <|endoftext|>")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     g.set_defaults(func=cmd_generate)
 

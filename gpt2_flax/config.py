@@ -106,14 +106,25 @@ class TrainConfig:
     stop_at_step: int | None = None  # stop (with a checkpoint) here, to resume later; None = num_steps
     eval_every: int = 0  # validation loss every N steps (and at the end) if the data has a validation set
     eval_batches: int = 0  # validation batches per evaluation; 0 = the whole validation set
-    generate_every: int = 0  # print a sample every N steps; 0 = never
-    sample_prompt: str = ""
+    generate_every: int = 0  # samples every N steps, shown and appended to output_dir/samples.txt; 0 = never
+    n_generate: int = 1  # samples each generate_every steps
+    sample_prompt: str = ""  # the prompt of those samples (and of the samples printed after training)
     output_dir: str = "trained_model"
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "num_steps", "log_every", "grad_accum_steps", "keep_checkpoints"):
+        positive = (
+            "batch_size",
+            "num_steps",
+            "log_every",
+            "grad_accum_steps",
+            "keep_checkpoints",
+            "n_generate",
+        )
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.generate_every < 0:
+            raise ConfigError(f"train.generate_every must be >= 0 (0 = never), got {self.generate_every}")
         if self.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         if self.batch_size % self.grad_accum_steps:

@@ -119,9 +119,21 @@ def load_hf_state_dict(model: GPT2LMHeadModel, state_dict: dict[str, Any], sourc
                 "use the config.json saved with these weights"
             )
     state = nnx.state(model, nnx.Param)
-    pure = traversals.unflatten_mapping({tuple(_path(k)): v for k, v in want.items()})
-    nnx.replace_by_pure_dict(state, pure)
+    # Each weight goes where the parameter it replaces lives (GPT2 builds parameters sharded), so
+    # a loaded model is placed like a fresh one, not left as host numpy arrays.
+    old = traversals.flatten_mapping(nnx.to_pure_dict(state))
+    placed = {k: _place_like(want[".".join(map(str, k))], v) for k, v in old.items()}
+    nnx.replace_by_pure_dict(state, traversals.unflatten_mapping(placed))
     nnx.update(model, state)
+
+
+def _place_like(value: np.ndarray, like: Any) -> Any:
+    import jax
+
+    sharding = getattr(like, "sharding", None)
+    if sharding is None:
+        return value
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def _path(name: str) -> list[str | int]:
@@ -209,6 +221,7 @@ def export_pretrained(
         config = GPT2Config.from_dict(config.to_dict())
         config.architectures = ["GPT2LMHeadModel"]
         config.save_pretrained(tmp)
+        generation_config(config).save_pretrained(tmp)
         save_transformers_tokenizer(tokenizer, tmp, model_max_length=config.n_positions)
         for f in sorted(tmp.iterdir()):
             if remote:  # object stores replace a whole object at once
@@ -218,6 +231,26 @@ def export_pretrained(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def generation_config(config: GPT2Config) -> Any:
+    """generation_config.json: bos/eos/pad = <|endoftext|> and GPT2.generate's sampling defaults, so
+    `GPT2LMHeadModel.generate` and `pipeline` sample as we do unless told otherwise."""
+    from transformers import GenerationConfig
+
+    from gpt2_flax.sampling import GenerateArgs
+
+    d = GenerateArgs()
+    return GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.eos_token_id,
+        do_sample=True,
+        temperature=d.temperature,
+        top_k=d.top_k,
+        top_p=d.top_p,
+        max_length=min(d.max_length, config.n_positions),  # HF's GPT-2 cannot pass its context
+    )
 
 
 def _write_weights(sd: dict[str, np.ndarray], folder: Path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from gpt2_flax.checkpoint import Checkpointer, TrainingError, open_run_dir, state_bytes, trim_metrics
 from gpt2_flax.config import Config, TrainConfig
-from gpt2_flax.metrics import MetricsLogger, flops_per_token
+from gpt2_flax.metrics import MetricsLogger, append_samples, flops_per_token, trim_samples
 from gpt2_flax.model import GPT2LMHeadModel, count_params
 from gpt2_flax.preemption import StopRequest
 from gpt2_flax.train import Setup, TrainState, build, to_global
@@ -58,7 +58,7 @@ def fit(
     *,
     tokenizer: Any,
     overwrite: bool = False,
-    sample_fn: Callable[[Any, int], str] | None = None,
+    sample_fn: Callable[[Any, int], list[str]] | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Trains `model` on `dataset` for cfg.train.num_steps, resuming from output_dir if it can."""
@@ -71,6 +71,7 @@ def fit(
     try:
         start = maybe_resume(setup, ckpt, tc.num_steps)
         trim_metrics(out, start)
+        trim_samples(out, start)
         tokens_per_step = tc.batch_size * dataset.block_size
         flops = flops_per_token(
             count_params(model), model.config.n_layer, model.config.n_embd, dataset.block_size
@@ -112,7 +113,7 @@ class _Run:
     ckpt: Checkpointer
     logger: MetricsLogger
     stop: StopRequest
-    sample_fn: Callable[[Any, int], str] | None
+    sample_fn: Callable[[Any, int], list[str]] | None
 
 
 def _loop(run: _Run, start: int) -> tuple[list[dict[str, Any]], bool]:
@@ -159,8 +160,8 @@ def _steps(run: _Run, batches: Any, start: int, end: int) -> tuple[list[dict[str
             _save(run.ckpt, done, setup.state, tc.seed)
             last_save = time.monotonic()
         if run.sample_fn is not None and tc.generate_every and done % tc.generate_every == 0:
-            sample = run.sample_fn(setup.state.params, done)  # every process: the sampler is a collective
-            run.logger.write(f"--- sample at step {done} ---\n{sample}")
+            texts = run.sample_fn(setup.state.params, done)  # every process: the sampler is a collective
+            run.logger.write(append_samples(run.logger.output_dir, done, texts))
         if done < end and run.stop.should_stop(done):
             _check_finite(pending, done)
             return history, True

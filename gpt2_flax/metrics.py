@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ class MetricsLogger:
         self.enabled = enabled
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
-        self.path = epath.Path(output_dir) / "metrics.jsonl" if (output_dir and enabled) else None
+        self.output_dir = epath.Path(output_dir) if (output_dir and enabled) else None
+        self.path = self.output_dir / "metrics.jsonl" if self.output_dir is not None else None
         # Object stores (gs://) cannot append: there the whole file is rewritten at each log point.
         self._remote = self.path is not None and "://" in str(self.path)
         self._lines = self.path.read_text().splitlines(True) if self._remote and self.path.exists() else []
@@ -90,3 +92,41 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# ----------------------------------------------------------------------------- samples.txt
+
+SAMPLE_HEADER = "===== step {} ====="
+_HEADER_RE = re.compile(r"^===== step (\d+) =====$", re.M)
+
+
+def format_samples(step: int, texts: list[str]) -> str:
+    return SAMPLE_HEADER.format(step) + "\n" + ("\n" + "-" * 10 + "\n").join(texts) + "\n\n"
+
+
+def append_samples(output_dir: Any, step: int, texts: list[str]) -> str:
+    """Appends the samples of `step` under its header to output_dir/samples.txt (process 0; None
+    writes nothing); returns the block, to be shown."""
+    block = format_samples(step, texts)
+    if output_dir is not None:
+        path = epath.Path(output_dir) / "samples.txt"
+        if "://" in str(path):  # object stores cannot append
+            path.write_text((path.read_text() if path.exists() else "") + block)
+        else:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(block)
+    return block.rstrip("\n")
+
+
+def trim_samples(output_dir: Any, step: int) -> None:
+    """On resume, drops the samples written after the checkpoint's step (they are made again,
+    identically: training samples are seeded by their step)."""
+    import jax
+
+    path = epath.Path(output_dir) / "samples.txt"
+    if jax.process_index() != 0 or not path.exists():
+        return
+    text = path.read_text()
+    late = next((m.start() for m in _HEADER_RE.finditer(text) if int(m.group(1)) > step), None)
+    if late is not None:
+        path.write_text(text[:late])

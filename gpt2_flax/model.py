@@ -16,7 +16,7 @@ mesh axes, so this file never names a mesh axis.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +98,16 @@ def dropout(x: Array, rate: float, key: Array | None) -> Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+class KVCache(NamedTuple):
+    """Keys and values of every layer for generation: k, v (L, B, H, S, D) in the compute dtype,
+    S cache slots. Stacked on the layer axis like the scanned parameters, so one scan reads both;
+    heads before slots so that attention is a plain batched matmul over (B, H) (with (B, S, H, D)
+    XLA:CPU transposed every layer's cache every token)."""
+
+    k: Array
+    v: Array
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: GPT2Config, proj_std: float, rngs: nnx.Rngs):
         c = cfg.n_embd
@@ -106,15 +116,18 @@ class Attention(nnx.Module):
         self.c_attn = Linear(c, 3 * c, cfg.initializer_range, ("embed", "qkv"), rngs)
         self.c_proj = Linear(c, c, proj_std, ("heads", "embed"), rngs)
 
+    def _qkv(self, x: Array, b: int, t: int) -> tuple[Array, Array, Array]:
+        h = self.n_head
+        qkv = self.c_attn(x).reshape(b, t, 3, h, x.shape[-1] // h)  # (B*T, 3C) -> (B, T, 3, H, D)
+        # Heads split over the tensor axis (a no-op without one): attention is then local per device.
+        qkv = constrain(qkv, ("batch", None, None, "heads", None))
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, D) each
+
     def __call__(self, x: Array, mask: Array | None, shape: tuple[int, int], keys: Array | None) -> Array:
         """mask: (B, 1, T, T) allowed pairs for packed documents, or None for plain causal rows."""
         b, t = shape
         c = x.shape[-1]
-        h, d = self.n_head, c // self.n_head
-        qkv = self.c_attn(x).reshape(b, t, 3, h, d)  # (B*T, 3C) -> (B, T, 3, H, D)
-        # Heads split over the tensor axis (a no-op without one): attention is then local per device.
-        qkv = constrain(qkv, ("batch", None, None, "heads", None))
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, D) each
+        q, k, v = self._qkv(x, b, t)
         if mask is None and _fused_attention_ok(x.dtype, self.rate if keys is not None else 0.0):
             # cuDNN flash attention: no (T, T) scores in memory (H100, GPT-2 124M at T=1024: the
             # explicit path below ran the train step 2.8x slower than torch.compile's SDPA).
@@ -122,12 +135,47 @@ class Attention(nnx.Module):
             return dropout(self.c_proj(y.reshape(b * t, c)), self.rate, None if keys is None else keys[1])
         if mask is None:
             mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]  # (1, 1, T, T) causal
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # mask: (B or 1, 1, T, T)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # softmax in float32
-        probs = dropout(probs, self.rate, None if keys is None else keys[0])
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b * t, c)
+        y = _attend(q, k, v, mask, self.rate, None if keys is None else keys[0]).reshape(b * t, c)
         return dropout(self.c_proj(y), self.rate, None if keys is None else keys[1])
+
+    def decode(
+        self, x: Array, shape: tuple[int, int], k_cache: Array, v_cache: Array, index: Any, masks: Any
+    ) -> tuple[Array, Array, Array]:
+        """Attention of T new tokens over one layer's cache (B, H, S, D) and over themselves.
+        masks: (B, 1, T, S) allowed cache slots (None: an empty cache, as in prefill) and (B, 1, T, T)
+        allowed new tokens. Returns (output (B*T, C), new keys and values (B, H, T, D)) for the caller
+        to write at slots [index, index + T)."""
+        b, t = shape
+        q, k, v = (y.transpose(0, 2, 1, 3) for y in self._qkv(x, b, t))  # (B, H, T, D)
+        cache_mask, new_mask = masks
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        neg = jnp.finfo(jnp.float32).min
+        # Two blocks, one softmax: the cache is read in place, never concatenated with the new keys
+        # (a concat or an update-then-attend copied every layer's cache each token: 3x slower at B=8).
+        s_new = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale
+        s_new = jnp.where(new_mask, s_new, neg)
+        if cache_mask is None:
+            probs = jax.nn.softmax(s_new, axis=-1).astype(q.dtype)
+            y = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+        else:
+            s_old = jnp.einsum("bhqd,bhkd->bhqk", q, k_cache.astype(q.dtype)).astype(jnp.float32) * scale
+            s_old = jnp.where(cache_mask, s_old, neg)
+            top = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+            p_old, p_new = jnp.exp(s_old - top), jnp.exp(s_new - top)
+            denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+            y = jnp.einsum("bhqk,bhkd->bhqd", (p_old / denom).astype(q.dtype), v_cache.astype(q.dtype))
+            y = y + jnp.einsum("bhqk,bhkd->bhqd", (p_new / denom).astype(q.dtype), v)
+        y = y.transpose(0, 2, 1, 3).reshape(b * t, x.shape[-1])
+        return self.c_proj(y), k, v
+
+
+def _attend(q: Array, k: Array, v: Array, mask: Array, rate: float, key: Array | None) -> Array:
+    """Explicit softmax attention: q (B, Tq, H, D) over k, v (B, Tk, H, D); mask (B or 1, 1, Tq, Tk)."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # softmax in float32
+    probs = dropout(probs, rate, key)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def _fused_attention_ok(dtype: Any, dropout_rate: float) -> bool:
@@ -162,6 +210,13 @@ class Block(nnx.Module):
     def __call__(self, x: Array, mask: Array | None, shape: tuple[int, int], keys: Array | None) -> Array:
         x = x + self.attn(self.ln_1(x), mask, shape, None if keys is None else keys[:2])
         return x + self.mlp(self.ln_2(x), None if keys is None else keys[2])
+
+    def decode(
+        self, x: Array, shape: tuple[int, int], k: Array, v: Array, index: Any, masks: Any
+    ) -> tuple[Array, Array, Array]:
+        a, k_new, v_new = self.attn.decode(self.ln_1(x), shape, k, v, index, masks)
+        x = x + a
+        return x + self.mlp(self.ln_2(x), None), k_new, v_new
 
 
 _REMAT_POLICIES = {
@@ -225,21 +280,67 @@ class GPT2LMHeadModel(nnx.Module):
         if segment_ids is not None:
             causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
             mask = causal & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-        x = self.wte.embedding[...][input_ids] + self.wpe.embedding[...][positions]  # (B, T, C)
-        x = x.reshape(b * t, -1).astype(self.dtype)  # 2-D activations through the blocks
+        x = self._embed(input_ids, positions)  # (B*T, C), 2-D activations through the blocks
         keys = None
         if dropout_key is not None:
             k_embd, k_blocks = jax.random.split(dropout_key)
             x = dropout(x, self.embd_rate, k_embd)
             keys = jax.random.split(k_blocks, (self.config.n_layer, 3))  # 3 dropouts per block
         x = self._blocks(x, mask, (b, t), keys)
-        x = self.ln_f(x)
+        return self._logits(self.ln_f(x)).reshape(b, t, self.vocab_size)
+
+    def _embed(self, input_ids: Array, positions: Array) -> Array:
+        x = self.wte.embedding[...][input_ids] + self.wpe.embedding[...][positions]  # (B, T, C)
+        return x.reshape(-1, x.shape[-1]).astype(self.dtype)
+
+    def _logits(self, x: Array) -> Array:
         # Tied head: logits = x @ wte[:V]^T in float32. The padding rows are cut from the weight, not
         # from the logits: slicing (B*T, V') logits costs a copy forward and a pad backward (XLA:CPU
         # head step 27 ms -> 19 ms at V=2000, B*T=2048).
         wte = self.wte.embedding[...][: self.vocab_size]
-        logits = jnp.dot(x, wte.astype(x.dtype).T, preferred_element_type=jnp.float32)
-        return logits.reshape(b, t, self.vocab_size)
+        return jnp.dot(x, wte.astype(x.dtype).T, preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch: int, slots: int) -> KVCache:
+        """An empty KV cache of `slots` token slots per row, in the compute dtype."""
+        c = self.config
+        zeros = jnp.zeros((c.n_layer, batch, c.n_head, slots, c.n_embd // c.n_head), self.dtype)
+        zeros = constrain(zeros, ("layers", "batch", "heads", None, None))
+        return KVCache(zeros, zeros)
+
+    def decode(
+        self, input_ids: Array, positions: Array, cache: KVCache, index: Array | int, kv_valid: Array
+    ) -> tuple[Array, KVCache]:
+        """The forward of generation: T new tokens (B, T) at cache slots [index, index + T).
+
+        positions: (B, T) their position ids; kv_valid: (B, S) which cache slots hold a row's real
+        tokens (left padding does not). A token attends to the valid slots before `index` and to the
+        valid new tokens up to itself. index=0 (a Python int) is a prefill: the cache is not read.
+        Returns float32 logits (B, vocab_size) of the last new token, and the cache holding the new
+        keys and values: the same math as `__call__`, without recomputing the prefix.
+        """
+        b, t = input_ids.shape
+        slots = cache.k.shape[3]
+        x = self._embed(input_ids, positions)
+        new_valid = jax.lax.dynamic_slice_in_dim(kv_valid, index, t, axis=1)  # (B, T)
+        new_mask = jnp.tril(jnp.ones((t, t), bool))[None, None] & new_valid[:, None, None, :]
+        cache_mask = None
+        if not (isinstance(index, int) and index == 0):
+            cache_mask = ((jnp.arange(slots) < index)[None, :] & kv_valid)[:, None, None, :]  # (B,1,1,S)
+
+        def body(x: Array, block: Block, k: Array, v: Array) -> tuple[Array, tuple[Array, Array]]:
+            x, k_new, v_new = block.decode(
+                constrain(x, ("batch", None)), (b, t), k, v, index, (cache_mask, new_mask)
+            )
+            return x, (k_new, v_new)
+
+        scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
+        x, (k_new, v_new) = scan(x, self.h, cache.k, cache.v)  # new k, v: (L, B, H, T, D)
+        # One in-place write of the T new slots per layer: the while_loop carrying the cache
+        # updates its buffer instead of copying (L, B, H, S, D) every token.
+        k = jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (0, 0, 0, index, 0))
+        v = jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), (0, 0, 0, index, 0))
+        last = x.reshape(b, t, -1)[:, -1]  # (B, C): only the last token's logits are sampled from
+        return self._logits(self.ln_f(last)), KVCache(k, v)
 
     def _blocks(self, x: Array, mask: Array, shape: tuple[int, int], keys: Array | None) -> Array:
         def body(x: Array, block: Block, layer_keys: Array | None) -> Array:

@@ -132,7 +132,7 @@ def load_tokenizer(
         path = Path(tokenizer_file).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"Tokenizer file {path} does not exist: check the path.")
-        return Tokenizer.from_file(str(path))
+        return _without_bos_template(Tokenizer.from_file(str(path)))
     if vocab_file is None or merges_file is None:
         raise ValueError(
             "No tokenizer given: pass tokenizer_file='<prefix>.tokenizer.json', or both "
@@ -160,21 +160,45 @@ def eos_token_id(tok: Tokenizer) -> int:
     return token_id
 
 
+def _without_bos_template(tok: Tokenizer) -> Tokenizer:
+    """An exported tokenizer.json prepends <|endoftext|> for PyTorch users (see `to_transformers`);
+    inside gpt2_flax a tokenizer never adds tokens (documents and prompts get their EOS explicitly),
+    so that template goes back to the plain ByteLevel post-processor training used (same fingerprint)."""
+    spec = json.loads(tok.to_str()).get("post_processor") or {}
+    parts = spec.get("processors", []) if spec.get("type") == "Sequence" else [spec]
+    if any(p.get("type") == "TemplateProcessing" for p in parts):
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
 def to_transformers(tok: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
     """Wrap a `tokenizers.Tokenizer` as a `transformers` GPT-2 fast tokenizer (for export).
 
     bos/eos/unk are all `<|endoftext|>` as in OpenAI's GPT-2; pad stays unset (GPT-2 has none).
+    It prepends `<|endoftext|>` to every text (add_bos_token, and the same template in
+    tokenizer.json for transformers v4), because every training document followed one: a PyTorch
+    user's `tokenizer("ROMEO:")` then conditions the model exactly as `GPT2.generate` does.
     `save_pretrained(dir)` then writes files `AutoTokenizer.from_pretrained(dir)` loads offline.
     """
     from transformers import GPT2TokenizerFast
 
-    eos_token_id(tok)  # fail early with a clear message if EOS is missing
+    eos_id = eos_token_id(tok)  # fail early with a clear message if EOS is missing
+    tok = Tokenizer.from_str(tok.to_str())  # a copy: the caller's tokenizer is not changed
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B:1", special_tokens=[(EOS, eos_id)]
+            ),
+        ]
+    )
     return GPT2TokenizerFast(
         tokenizer_object=tok,
         bos_token=EOS,
         eos_token=EOS,
         unk_token=EOS,
         model_max_length=model_max_length,
+        add_bos_token=True,
     )
 
 
@@ -188,6 +212,10 @@ def save_transformers_tokenizer(tok: Tokenizer, save_directory: PathLike, model_
     out.mkdir(parents=True, exist_ok=True)
     written = [str(p) for p in to_transformers(tok, model_max_length).save_pretrained(str(out))]
     written += [str(p) for p in tok.model.save(str(out)) if str(p) not in written]
+    # transformers v5 does not record add_bos_token; v4's and other loaders read it from here.
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps({**config, "add_bos_token": True}, indent=2) + "\n", encoding="utf-8")
     return written
 
 

