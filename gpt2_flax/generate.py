@@ -18,7 +18,9 @@ from exactly the last n_positions tokens, as without a cache, and costs one forw
 `window_shift` tokens; each token then sees between n_positions - shift + 1 and n_positions tokens.
 
 Logits processors follow Hugging Face's order and semantics: repetition penalty, no-repeat n-grams,
-min length (stop tokens suppressed), then greedy (temperature 0) or temperature, top-k, top-p.
+min length (stop tokens suppressed), then greedy (temperature 0) or temperature, top-k, top-p. With
+top_k on, the draw is over the top-k candidates (lax.top_k); without, over the whole vocabulary cut
+by bisection (no sort: XLA:CPU's sort cost more than a decode step).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ NEG = -jnp.inf
 
 @dataclass(frozen=True)
 class Sampling:
-    """Per-call settings. All but no_repeat_ngram_size are traced: changing them never recompiles."""
+    """Per-call settings, traced (changing them never recompiles) except no_repeat_ngram_size and
+    top_k's power-of-two bucket (8, 16, 32, ...), which are compiled in."""
 
     temperature: float = 0.7  # 0 = greedy
     top_k: int = 0  # keep the k likeliest tokens; 0 = off
@@ -136,10 +139,33 @@ def banned_ngrams(buf: Array, pos: Array, start: Array, n: int, vocab: int) -> A
     return jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], toks].set(True, mode="drop")
 
 
-def _choose(logits: Array, keys: Array, s: dict[str, Array]) -> Array:
-    """The next token per row: argmax when greedy, else a sample from the filtered distribution."""
+def top_k_candidates(
+    logits: Array, temperature: Array, top_k: Array, top_p: Array, cap: int
+) -> tuple[Array, Array]:
+    """The top-k path of `filter_logits`: (B, cap) scaled logits of the `cap` likeliest tokens, with
+    those past top_k (and outside the nucleus) at -inf, and their token ids. cap >= top_k is a
+    power of two, compiled in; a draw over these candidates is a draw from the filtered
+    distribution (every other token is -inf there), at a fraction of the cost: lax.top_k over
+    (8, 5000) takes 0.13 ms where the full-vocabulary cut and draw took ~1.5 ms of a 7.6 ms step."""
+    vals, ids = jax.lax.top_k(logits / jnp.maximum(temperature, 1e-6), cap)  # sorted, descending
+    kth = jnp.take(vals, jnp.minimum(top_k, cap) - 1, axis=-1)[:, None]
+    vals = jnp.where(vals < kth, NEG, vals)  # ties with the k-th are kept, as HF keeps them
+    probs = jax.nn.softmax(vals, axis=-1)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.maximum(jnp.sum(mass_above < top_p, axis=-1, keepdims=True), 1)
+    cutoff = jnp.take_along_axis(vals, kept - 1, axis=-1)
+    return jnp.where((top_p < 1.0) & (vals < cutoff), NEG, vals), ids
+
+
+def _choose(logits: Array, keys: Array, s: dict[str, Array], cap: int) -> Array:
+    """The next token per row: argmax when greedy, else a sample from the filtered distribution
+    (over the top `cap` candidates when top_k is on: cap > 0)."""
 
     def sample(logits: Array) -> Array:
+        if cap:
+            vals, ids = top_k_candidates(logits, s["temperature"], s["top_k"], s["top_p"], cap)
+            pick = jax.vmap(jax.random.categorical)(keys, vals)
+            return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
         filtered = filter_logits(logits, s["temperature"], s["top_k"], s["top_p"])
         return jax.vmap(jax.random.categorical)(keys, filtered)
 
@@ -156,6 +182,7 @@ def _generate(
     width: int,
     ngram: int,
     shift: int,
+    cap: int,
 ) -> tuple[Array, Array]:
     """Prefill r["buf"][:, :width], then sample slots width.. until every row reaches its end or
     emits a stop token. r: per-row arrays (buf, start, end, min_end, row_ids); s: shared scalars and
@@ -192,7 +219,7 @@ def _generate(
         logits = process_logits(logits, seen, banned, suppress, s["repetition_penalty"])
         fold = lambda row, t: jax.random.fold_in(jax.random.fold_in(base, row), t)
         keys = jax.vmap(fold)(r["row_ids"], pos - start)  # a row's stream: (seed, row id, its length)
-        tok = jnp.where(done, pad_id, _choose(logits, keys, s))
+        tok = jnp.where(done, pad_id, _choose(logits, keys, s, cap))
         buf = jax.lax.dynamic_update_slice(buf, tok[:, None], (0, pos))
         seen = seen.at[rows, tok].set(True)
         done = done | stop_mask[tok] | (pos + 1 >= end)
@@ -276,19 +303,21 @@ class Generator:
             "stop_mask": stop_mask,
             "pad_id": np.int32(pad_id),
         }
-        program, mesh = self._program(params, r, s, width, sampling.no_repeat_ngram_size)
+        cap = bucket(sampling.top_k, 8) if 0 < sampling.top_k < vocab else 0
+        cap = cap if cap < vocab else 0  # top-k over (nearly) everything: the full-vocabulary path
+        program, mesh = self._program(params, r, s, width, sampling.no_repeat_ngram_size, cap)
         out, pos = program(params, *_place(r, s, mesh))
         out, pos = np.asarray(out), int(pos)
         return [out[i, width : min(int(end[i]), pos)] for i in range(n_rows)]
 
-    def _program(self, params: Any, r: dict, s: dict, width: int, ngram: int) -> tuple[Any, Mesh]:
+    def _program(self, params: Any, r: dict, s: dict, width: int, ngram: int, cap: int) -> tuple[Any, Mesh]:
         mesh = mesh_of(params)
         shardings = jax.tree.map(lambda x: x.sharding, params)
-        key = (r["buf"].shape, width, ngram, self.window_shift, jax.tree.structure(params),
+        key = (r["buf"].shape, width, ngram, cap, self.window_shift, jax.tree.structure(params),
                tuple(jax.tree.leaves(shardings)))  # fmt: skip
         if key not in self._programs:
             fn = functools.partial(
-                _generate, self.graphdef, width=width, ngram=ngram, shift=self.window_shift
+                _generate, self.graphdef, width=width, ngram=ngram, shift=self.window_shift, cap=cap
             )
             replicated = NamedSharding(mesh, PartitionSpec())
             jitted = jax.jit(

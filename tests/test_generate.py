@@ -19,7 +19,7 @@ from transformers.generation import logits_process as hf_lp
 
 from gpt2_flax import GPT2, ConfigError
 from gpt2_flax.cli import main as cli_main
-from gpt2_flax.generate import filter_logits, process_logits
+from gpt2_flax.generate import filter_logits, process_logits, top_k_candidates
 from gpt2_flax.model import GPT2LMHeadModel
 
 PROMPT = "ROMEO:"
@@ -136,6 +136,13 @@ def test_temperature_top_k_top_p_match_transformers_warpers() -> None:
         ref = (hf_lp.TopPLogitsWarper(p)(None, ref) if p < 1 else ref).numpy()
         assert (np.isinf(ours) == np.isinf(ref)).all(), (k, p)
         np.testing.assert_allclose(ours[~np.isinf(ours)], ref[~np.isinf(ref)], rtol=1e-6)
+        cap = max(8, 1 << (k - 1).bit_length()) if k else 0
+        if 0 < cap < x.shape[1]:  # the top-k fast path (as the engine picks it): the same distribution
+            vals, ids = top_k_candidates(jnp.asarray(x), jnp.float32(t), jnp.int32(k), jnp.float32(p), cap)
+            full = np.full_like(x, -np.inf)
+            np.put_along_axis(full, np.asarray(ids), np.asarray(vals), axis=1)
+            assert (np.isinf(full) == np.isinf(ref)).all(), (k, p, "candidates")
+            np.testing.assert_allclose(full[~np.isinf(full)], ref[~np.isinf(ref)], rtol=1e-6)
 
 
 def test_pipeline_conditions_like_us(trained_run) -> None:
@@ -185,14 +192,15 @@ def test_beyond_the_context_slides_like_a_full_window(trained_run) -> None:
 
 def test_no_recompilation_inside_a_bucket(trained_run) -> None:
     ai = GPT2(model_folder=trained_run.out_dir)
-    ai.generate(n=3, prompt="NURSE: my lord", max_length=40, seed=0, return_as_list=True)
+    ai.generate(n=3, prompt="NURSE: my lord", max_length=40, top_k=3, seed=0, return_as_list=True)
     engine = ai._generator()
     assert engine.compilations == 1 and engine.compile_seconds > 0
-    # Another prompt length, n and max_length, all inside the same (batch 4, prompt 8, total 64) bucket.
+    # Another prompt length, n and max_length, all inside the same (batch 4, prompt 8, total 64) bucket,
+    # and other sampling settings (top_k inside the same power-of-two bucket: 8).
     ai.generate(n=4, prompt=PROMPT, max_length=50, top_k=5, top_p=0.5, temperature=1.1, seed=1,
                 repetition_penalty=1.2, min_length=10, stop=["\n", 7], return_as_list=True)  # fmt: skip
     assert engine.compilations == 1
-    ai.generate(n=1, prompt=PROMPT, max_length=100, seed=1, return_as_list=True)  # next length bucket
+    ai.generate(n=1, prompt=PROMPT, max_length=100, top_k=8, seed=1, return_as_list=True)  # next bucket
     assert engine.compilations == 2
 
 
