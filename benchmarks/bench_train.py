@@ -138,9 +138,20 @@ def main() -> None:
     if not args.no_compile:
         results["HF PyTorch torch.compile"] = bench_torch(cfg, batches, args.warmup, compile_=True)
     ours = results["gpt2_flax (jax.jit)"]
-    print(f"{'contender':28s} {'s/step':>8s} {'tokens/s':>10s} {'our speed / theirs':>20s}")
+    # MFU: model FLOPs (6N + attention, as the training log counts them) against the machine's
+    # peak (chip table; a measured matmul rate on CPUs), the same number for every contender.
+    from gpt2_flax.metrics import flops_per_token, run_peak_flops
+    from gpt2_flax.model import GPT2LMHeadModel, count_params, gpt2_config_of
+
+    m = cfg.model
+    model = GPT2LMHeadModel(gpt2_config_of(m), dtype=m.dtype)
+    per_token = flops_per_token(count_params(model), m.n_layer, m.n_embd, t)
+    peak, how = run_peak_flops(cfg.train.peak_flops)
+    print(f"MFU against {peak / 1e12:.2f} TFLOP/s ({how}); {per_token / 1e6:.1f} MFLOP per token")
+    print(f"{'contender':28s} {'s/step':>8s} {'tokens/s':>10s} {'MFU':>7s} {'our speed / theirs':>20s}")
     for name, secs in results.items():
-        print(f"{name:28s} {secs / args.steps:8.4f} {tokens / secs:10,.0f} {secs / ours:19.2f}x")
+        mfu = tokens / secs * per_token / peak if peak else float("nan")
+        print(f"{name:28s} {secs / args.steps:8.4f} {tokens / secs:10,.0f} {mfu:7.1%} {secs / ours:19.2f}x")
 
 
 if __name__ == "__main__":

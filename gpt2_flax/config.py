@@ -110,6 +110,9 @@ class TrainConfig:
     n_generate: int = 1  # samples each generate_every steps
     sample_prompt: str = ""  # the prompt of those samples (and of the samples printed after training)
     output_dir: str = "trained_model"
+    # Peak FLOP/s of one chip (of one host on CPUs) for the MFU shown and logged; 0 = the table of
+    # known TPUs/GPUs in metrics.py, or a measured matmul rate on CPUs.
+    peak_flops: float = 0.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -123,6 +126,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.peak_flops >= 0:
+            raise ConfigError(
+                f"train.peak_flops must be >= 0 (0 = from the chip table), got {self.peak_flops}"
+            )
         if self.generate_every < 0:
             raise ConfigError(f"train.generate_every must be >= 0 (0 = never), got {self.generate_every}")
         if self.learning_rate <= 0:

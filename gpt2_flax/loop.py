@@ -18,7 +18,7 @@ import numpy as np
 
 from gpt2_flax.checkpoint import Checkpointer, TrainingError, open_run_dir, state_bytes, trim_metrics
 from gpt2_flax.config import Config, TrainConfig
-from gpt2_flax.metrics import MetricsLogger, append_samples, flops_per_token, trim_samples
+from gpt2_flax.metrics import MetricsLogger, append_samples, flops_per_token, run_peak_flops, trim_samples
 from gpt2_flax.model import GPT2LMHeadModel, count_params
 from gpt2_flax.preemption import StopRequest
 from gpt2_flax.train import Setup, TrainState, build, to_global
@@ -84,6 +84,7 @@ def fit(
             flops * tokens_per_step,
             enabled=jax.process_index() == 0,
             progress=progress,
+            peak_flops=run_peak_flops(tc.peak_flops)[0],
         )
         if start:
             logger.write(f"gpt2-flax: resuming from checkpoint step {start} in {ckpt.directory}")
@@ -92,6 +93,7 @@ def fit(
         final = int(jax.device_get(setup.state.step))
         _save(ckpt, final, setup.state, tc.seed, force=True)
         ckpt.wait()  # the last checkpoint is complete before we return (or the process exits)
+        logger.write(logger.summary())
         if stopped:
             logger.write(
                 f"gpt2-flax: stopped at step {final}; checkpoint written to {ckpt.directory}. "
@@ -145,9 +147,13 @@ def _steps(run: _Run, batches: Any, start: int, end: int) -> tuple[list[dict[str
     pending: list[dict[str, jax.Array]] = []  # device arrays: no sync until the log point
     last_save = time.monotonic()
     for step, local in zip(range(start, end), batches, strict=True):
+        t0 = time.perf_counter()
         setup.state, metrics = setup.step_fn(setup.state, to_global(local, setup.mesh))
         pending.append(metrics)
         done = step + 1
+        if step == start and done < end:  # one sync, once: compile time apart from tokens/s
+            jax.block_until_ready(metrics)
+            run.logger.first_step_done(time.perf_counter() - t0)
         timed_save = False
         eval_due = _eval_due(run.dataset, tc, done, end)
         if done % tc.log_every == 0 or done == end or eval_due:

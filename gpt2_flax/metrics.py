@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -20,6 +21,64 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> f
     return 6.0 * n_params + 12.0 * n_layer * seq_len * n_embd
 
 
+# Peak dense bf16 FLOP/s of one chip (vendors' data sheets; SXM parts for GPUs). Matched as a
+# substring of jax's device_kind, longest name first ("TPU v5 lite" before "TPU v5").
+PEAK_FLOPS: dict[str, float] = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+}
+
+
+def chip_peak_flops(device_kind: str) -> float | None:
+    """The table's peak for a device kind, or None when the chip is not in it."""
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.lower() in device_kind.lower():
+            return PEAK_FLOPS[name]
+    return None
+
+
+@functools.cache
+def measured_cpu_flops() -> float:
+    """This host's float32 matmul FLOP/s, measured once (a 1024^3 jitted matmul, best of 5: ~0.1 s).
+    All the CPU devices of a host share its cores, so this is the host's peak, not a device's."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((1024, 1024), jnp.float32, device=jax.local_devices(backend="cpu")[0])
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best
+
+
+def run_peak_flops(override: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s of the whole run, how it was found): per chip x chips, or per host x hosts on
+    CPUs. override: the peak of one chip (one host for CPUs), e.g. --train.peak_flops=197e12."""
+    import jax
+
+    devices = jax.devices()
+    if devices[0].platform == "cpu":
+        per, what = (override, "configured") if override else (measured_cpu_flops(), "measured matmul")
+        return per * jax.process_count(), f"{what}, {jax.process_count()} CPU host(s)"
+    kind = devices[0].device_kind
+    per = override or chip_peak_flops(kind)
+    if not per:
+        return 0.0, f"unknown chip {kind!r}: set --train.peak_flops for MFU"
+    return per * len(devices), f"{'configured' if override else 'table'}, {len(devices)} x {kind}"
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step to `metrics.jsonl` and drives a progress bar.
     Only process 0 writes; other processes call it too and it does nothing."""
@@ -33,10 +92,15 @@ class MetricsLogger:
         flops_per_step: float,
         enabled: bool = True,
         progress: bool = True,
+        peak_flops: float = 0.0,
     ):
         self.enabled = enabled
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
+        self.peak_flops = peak_flops  # of the whole run; 0 = unknown (no MFU)
+        self.first_step_s: float | None = None  # the first step of this call, compile included
+        self._timed = [0, 0.0]  # steps and seconds after the first step: the summary's means
+        self._reported: set[str] = set()
         self.output_dir = epath.Path(output_dir) if (output_dir and enabled) else None
         self.path = self.output_dir / "metrics.jsonl" if self.output_dir is not None else None
         # Object stores (gs://) cannot append: there the whole file is rewritten at each log point.
@@ -58,14 +122,23 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> dict[str, Any]:
         """`metrics` are host floats averaged over the steps since the last call."""
         now = time.perf_counter()
-        steps = max(step - self._last_step, 1)
-        dt = max(now - self._last_time, 1e-9)
+        steps, dt, timed = step - self._last_step, max(now - self._last_time, 1e-9), True
+        if steps <= 0:  # log_every=1: this record is the first step alone, compile included
+            steps, dt, timed = 1, self.first_step_s or dt, False
         self._last_time, self._last_step = now, step
         tps = steps * self.tokens_per_step / dt
         record: dict[str, Any] = {"step": step, **metrics, "tokens_per_s": tps, "step_time_s": dt / steps}
         if "loss" in metrics and math.isfinite(metrics["loss"]) and metrics["loss"] < 50:
             record["perplexity"] = math.exp(metrics["loss"])
-        record["model_tflops_per_s"] = self.flops_per_step * steps / dt / 1e12
+        flops_per_s = self.flops_per_step * steps / dt
+        record["model_tflops_per_s"] = flops_per_s / 1e12
+        if self.peak_flops:
+            record["mfu"] = flops_per_s / self.peak_flops
+        if self.first_step_s is not None and "first_step_s" not in self._reported:
+            record["first_step_s"] = self.first_step_s  # compile included: kept out of tokens_per_s
+            self._reported.add("first_step_s")
+        if timed:
+            self._timed = [self._timed[0] + steps, self._timed[1] + dt]
         if not self.enabled:
             return record
         if self.path is not None and self._remote:
@@ -75,11 +148,34 @@ class MetricsLogger:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{metrics.get('loss', float('nan')):.4f}", tok_s=f"{tps:,.0f}", refresh=False
-            )
+            shown = {"loss": f"{metrics.get('loss', float('nan')):.4f}", "tok_s": f"{tps:,.0f}"}
+            if "mfu" in record:
+                shown["mfu"] = f"{record['mfu']:.1%}"
+            self.bar.set_postfix(shown, refresh=False)
             self.bar.update(step - self.bar.n)
         return record
+
+    def first_step_done(self, seconds: float) -> None:
+        """The first step (compile included) took `seconds`: restart the clock so that tokens/s
+        and MFU measure training, not compilation."""
+        self.first_step_s = seconds
+        self._last_time = time.perf_counter()
+        self._last_step += 1
+
+    def summary(self) -> str:
+        """One line for the end of a run: steps, mean tokens/s and MFU after the first step."""
+        steps, secs = self._timed
+        if not steps:
+            return "gpt2-flax: no step was timed"
+        tps = steps * self.tokens_per_step / secs
+        first = self.first_step_s
+        line = f"gpt2-flax: {steps + (first is not None)} steps in {secs + (first or 0.0):.1f} s"
+        if self.first_step_s is not None:
+            line += f" (first step, compile included: {self.first_step_s:.1f} s)"
+        line += f"; mean {tps:,.0f} tokens/s"
+        if self.peak_flops:
+            line += f", MFU {self.flops_per_step * steps / secs / self.peak_flops:.1%}"
+        return line
 
     def write(self, message: str) -> None:
         if not self.enabled:
