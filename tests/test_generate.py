@@ -222,17 +222,33 @@ def test_generation_on_a_tensor_parallel_mesh(trained_run) -> None:
 # ----------------------------------------------------------------------------- lengths and stops
 
 
-def test_min_length_and_max_length(trained_run) -> None:
+def engine_outputs(ai, monkeypatch: pytest.MonkeyPatch) -> list:
+    """Records the generated token ids of every engine call (re-encoding the decoded text may
+    merge tokens differently, so lengths are checked on the tokens themselves)."""
+    from gpt2_flax.generate import Generator
+
+    calls, real = [], Generator.__call__
+    monkeypatch.setattr(
+        Generator, "__call__", lambda self, *a, **k: calls.append(real(self, *a, **k)) or calls[-1]
+    )
+    return calls
+
+
+def test_min_length_and_max_length(trained_run, monkeypatch: pytest.MonkeyPatch) -> None:
     ai = trained_run.ai
+    eos = ai.eos_token_id
+    calls = engine_outputs(ai, monkeypatch)
     n_prompt = len(ai.tokenizer.encode(PROMPT).ids)
     texts = ai.generate(n=4, prompt=PROMPT, min_length=30, max_length=30, seed=0, return_as_list=True)
-    assert all(len(ai.tokenizer.encode(t).ids) == 30 for t in texts)  # never ended early
-    texts = ai.generate(n=4, prompt=PROMPT, max_new_tokens=5, min_length=n_prompt + 5, seed=0,
-                        return_as_list=True)  # fmt: skip
-    assert all(len(ai.tokenizer.encode(t).ids) == n_prompt + 5 for t in texts)
+    assert all(len(o) == 30 - n_prompt and eos not in o.tolist() for o in calls[-1])  # never ended early
+    assert all(t.startswith(PROMPT) for t in texts)
+    ai.generate(n=4, prompt=PROMPT, max_new_tokens=5, min_length=n_prompt + 5, seed=0, return_as_list=True)
+    assert all(len(o) == 5 and eos not in o.tolist() for o in calls[-1])
+    ai.generate(n=4, prompt=PROMPT, max_new_tokens=5, seed=0, return_as_list=True)
+    assert all(len(o) <= 5 for o in calls[-1])
 
 
-def test_stop_strings_and_ids_cut_the_output(trained_run) -> None:
+def test_stop_strings_and_ids_cut_the_output(trained_run, monkeypatch: pytest.MonkeyPatch) -> None:
     ai = trained_run.ai
     kw = dict(n=4, prompt=PROMPT, max_length=31, seed=9, temperature=1.0, return_as_list=True)
     free = ai.generate(**kw)
@@ -244,10 +260,14 @@ def test_stop_strings_and_ids_cut_the_output(trained_run) -> None:
             assert part == whole[: min(hits)] if hits else part == whole
     token = ai.tokenizer.encode(" the").ids[0]
     for whole, part in zip(free, ai.generate(stop=token, **kw), strict=True):
-        assert whole.startswith(part) and token not in ai.tokenizer.encode(part[len(PROMPT):]).ids
-    # min_length: no stop before it.
+        assert whole.startswith(part) and token not in ai.tokenizer.encode(part[len(PROMPT) :]).ids
+    # min_length: no stop before it; the text keeps at least the first 12 tokens.
+    calls = engine_outputs(ai, monkeypatch)
+    prompt_ids = ai.tokenizer.encode(PROMPT).ids
     late = ai.generate(stop=" ", min_length=12, **{**kw, "n": 2})
-    assert all(len(ai.tokenizer.encode(t).ids) >= 12 for t in late)
+    for text, out in zip(late, calls[-1], strict=True):
+        assert len(out) >= 12 - len(prompt_ids)
+        assert text.startswith(ai.tokenizer.decode(prompt_ids + out[: 12 - len(prompt_ids)].tolist()))
 
 
 def test_nonempty_output_resamples(trained_run, monkeypatch: pytest.MonkeyPatch) -> None:
