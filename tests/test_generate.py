@@ -371,6 +371,7 @@ def test_cli_generate_options(trained_run, tmp_path: Path, capsys: pytest.Captur
 # ----------------------------------------------------------------------------- samples during training
 
 
+@pytest.mark.slow
 def test_training_samples_go_to_samples_txt_and_survive_resume(
     tokenizer_files, tiny_config, dataset, tmp_path: Path
 ) -> None:
@@ -394,3 +395,37 @@ def test_training_samples_go_to_samples_txt_and_survive_resume(
     assert headers(resumed) == [5, 10, 15, 20] and "never trained" not in resumed
     new().train(dataset, output_dir=tmp_path / "straight", **kw)
     assert (tmp_path / "straight" / "samples.txt").read_text() == resumed  # as if never stopped
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+
+@pytest.mark.slow
+def test_two_processes_generate_what_one_does(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import make_corpus
+    from generate_case import generate_case
+
+    from gpt2_flax import train_tokenizer
+
+    (tmp_path / "corpus.txt").write_text(make_corpus(seed=3, lines=300))
+    train_tokenizer(tmp_path / "corpus.txt", vocab_size=300, save_path=tmp_path / "tok", prefix="case")
+    want = generate_case(tmp_path)  # this process: 8 devices
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path,
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}  # fmt: skip
+    worker = str(here / "helpers" / "generate_worker.py")
+    cmd = lambda i: [sys.executable, worker, str(port), "2", str(i), "4", str(tmp_path)]
+    procs = [subprocess.Popen(cmd(i), env=env, cwd=here, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    assert json.loads((tmp_path / "texts.json").read_text()) == want and len(want) == 3
