@@ -142,7 +142,9 @@ def cmd_generate(args: argparse.Namespace, extra: Sequence[str]) -> int:
         prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not prompts:
             raise ConfigError(f"--prompt-file {path} holds no prompt (one prompt per non-empty line)")
-    stops = [int(s) if s.isdigit() else s.encode().decode("unicode_escape") for s in args.stop or []]
+    # Digits are token ids; "\\n"-style escapes are decoded, other characters kept as typed.
+    unescape = lambda s: s.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    stops = [int(s) if s.isdigit() else unescape(s) for s in args.stop or []]
     kwargs = dict(
         n=args.n,
         prompt=prompts,

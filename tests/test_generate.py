@@ -358,7 +358,7 @@ def test_cli_generate_options(trained_run, tmp_path: Path, capsys: pytest.Captur
     out = tmp_path / "out.txt"
     args = ["generate", "--model-folder", folder, "--prompt-file", str(prompts), "--n", "3",
             "--batch-size", "2", "--to-file", str(out), "--max-new-tokens", "8", "--min-length", "4",
-            "--repetition-penalty", "1.2", "--stop", "\\n", "--seed", "0"]  # fmt: skip
+            "--repetition-penalty", "1.2", "--stop", "\\n", "--stop", "。", "--seed", "0"]  # fmt: skip
     assert cli_main(args) == 0
     samples = out.read_text().split("=" * 20 + "\n")[:-1]
     assert len(samples) == 6 and [s[:6] for s in samples] == ["ROMEO:"] * 3 + ["JULIET"] * 3
@@ -429,3 +429,12 @@ def test_two_processes_generate_what_one_does(tmp_path: Path) -> None:
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     assert json.loads((tmp_path / "texts.json").read_text()) == want and len(want) == 3
+
+
+def test_cli_stop_parsing(trained_run, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen = {}
+    monkeypatch.setattr(GPT2, "generate_to_file", lambda self, **kw: seen.update(kw) or "x")
+    args = ["generate", "--model-folder", str(trained_run.out_dir), "--to-file", str(tmp_path / "o.txt"),
+            "--stop", "\\n", "--stop", "。", "--stop", "a\\tb", "--stop", "7"]  # fmt: skip
+    assert cli_main(args) == 0
+    assert seen["stop"] == ["\n", "。", "a\tb", 7]  # escapes decoded, other text kept, digits are ids
