@@ -20,18 +20,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gpt2_flax.config import Config
-from gpt2_flax.metrics import flops_per_token
+from gpt2_flax.metrics import chip_peak_flops, flops_per_token
 from gpt2_flax.model import GPT2LMHeadModel, compute_dtype, gpt2_config_of
 from gpt2_flax.sharding import batch_sharding, make_mesh
 from gpt2_flax.train import plan
 
 GiB = 1 << 30
-# Per chip: HBM bytes and peak dense bf16 FLOP/s (Google Cloud TPU documentation).
-CHIPS: dict[str, tuple[int, float]] = {
-    "TPU v4": (32 * GiB, 275e12),
-    "TPU v5 lite": (16 * GiB, 197e12),
-    "TPU v5": (95 * GiB, 459e12),
-    "TPU v6 lite": (32 * GiB, 918e12),
+# Per chip HBM bytes (Google Cloud TPU documentation); peak FLOP/s: metrics.PEAK_FLOPS, the one table.
+CHIP_HBM: dict[str, int] = {
+    "TPU v4": 32 * GiB,
+    "TPU v5 lite": 16 * GiB,
+    "TPU v5": 95 * GiB,
+    "TPU v6 lite": 32 * GiB,
 }
 
 
@@ -98,7 +98,7 @@ def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
     """Lowers and compiles the train step of `cfg` for `topology`; nothing is allocated."""
     devices = topology_devices(topology)
     kind = devices[0].device_kind
-    hbm, peak = CHIPS.get(kind, (0, 0.0))
+    hbm, peak = CHIP_HBM.get(kind, 0), chip_peak_flops(kind) or 0.0
     cores_per_chip = len(devices) // len({tuple(d.coords) for d in devices})
     mesh = make_mesh(cfg.mesh, devices)
     m = cfg.model

@@ -268,6 +268,7 @@ class Generator:
 
     def __post_init__(self) -> None:
         self._programs: dict[Any, Any] = {}
+        self._dims: tuple[int, int] | None = None  # (n_positions, vocab_size), read at the first call
 
     def __call__(
         self, params: Any, rows: Rows, *, sampling: Sampling, seed: int, stop_ids: Sequence[int], pad_id: int
@@ -275,7 +276,10 @@ class Generator:
         """Each row's tokens after its prompt, up to its end or stop (stop tokens included)."""
         n_rows = len(rows.prompts)
         longest = max(len(p) for p in rows.prompts)
-        ctx = nnx.merge(self.graphdef, params).config.n_positions
+        if self._dims is None:
+            model = nnx.merge(self.graphdef, params)
+            self._dims = (model.config.n_positions, model.vocab_size)
+        ctx, vocab = self._dims
         width = min(bucket(longest, 8), ctx)
         b = bucket(n_rows, 1)
         start = np.full(b, width - 1, np.int32)  # dummy rows: one pad token, done at once
@@ -290,7 +294,6 @@ class Generator:
             buf[i, start[i] : width] = p
         ids = np.zeros(b, np.int32)
         ids[:n_rows] = rows.row_ids
-        vocab = nnx.merge(self.graphdef, params).vocab_size
         stop_mask = np.zeros(vocab, bool)
         stop_mask[list(stop_ids)] = True
         r = {"buf": buf, "start": start, "end": end, "min_end": min_end, "row_ids": ids}

@@ -286,7 +286,7 @@ class GenerationMixin:
     ) -> list[str]:
         strings = [s for s in args.stops if isinstance(s, str)]
         stop_ids = {self.eos_token_id, *(s for s in args.stops if isinstance(s, int))}
-        early = stop_ids | _tokens_containing(self.tokenizer, strings)  # rows end after these
+        early = stop_ids | self._tokens_containing(strings)  # rows end after these
         total = lambda r: len(r.prompt) + args.max_new_tokens if args.max_new_tokens else args.max_length
         rows = Rows(
             prompts=[bos + r.prompt for r in batch],
@@ -324,6 +324,18 @@ class GenerationMixin:
         if ended_on_eos and not args.skip_special_tokens:
             text += self.tokenizer.id_to_token(self.eos_token_id)
         return re.sub(r"^\s+", "", text) if args.lstrip else text
+
+    def _tokens_containing(self, strings: list[str]) -> set[int]:
+        """`_tokens_containing` of this tokenizer, cached: the scan reads the whole vocabulary
+        (50k tokens for GPT-2's), and generate_to_file asks again for every batch."""
+        cache = getattr(self, "_stop_token_cache", None)
+        if cache is None or cache[0] is not self.tokenizer:
+            cache = (self.tokenizer, {})
+            self._stop_token_cache = cache
+        key = tuple(strings)
+        if key not in cache[1]:
+            cache[1][key] = _tokens_containing(self.tokenizer, strings)
+        return cache[1][key]
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
