@@ -362,8 +362,10 @@ def test_cli_generate_options(trained_run, tmp_path: Path, capsys: pytest.Captur
     assert cli_main(args) == 0
     samples = out.read_text().split("=" * 20 + "\n")[:-1]
     assert len(samples) == 6 and [s[:6] for s in samples] == ["ROMEO:"] * 3 + ["JULIET"] * 3
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
     assert cli_main(args) == 2  # the file exists: refused, unchanged
     assert "already exists" in capsys.readouterr().err
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before
     assert cli_main(["generate", "--model-folder", folder, "--top-p", "2"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
 
@@ -438,3 +440,38 @@ def test_cli_stop_parsing(trained_run, monkeypatch: pytest.MonkeyPatch, tmp_path
             "--stop", "\\n", "--stop", "。", "--stop", "a\\tb", "--stop", "7"]  # fmt: skip
     assert cli_main(args) == 0
     assert seen["stop"] == ["\n", "。", "a\tb", 7]  # escapes decoded, other text kept, digits are ids
+
+
+def test_cli_bad_prompt_files_write_nothing(
+    trained_run, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base = ["generate", "--model-folder", str(trained_run.out_dir), "--to-file", str(tmp_path / "o.txt")]
+    assert cli_main([*base, "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt-file" in err and "does not exist" in err
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert cli_main([*base, "--prompt-file", str(tmp_path / "blank.txt")]) == 2
+    assert "holds no prompt" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt"]  # no output file was created
+
+
+def test_generate_to_file_checks_arguments_before_creating_the_file(trained_run, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\]"):
+        trained_run.ai.generate_to_file(n=2, destination_path=tmp_path / "s.txt", top_p=0.0)
+    with pytest.raises(ConfigError, match="more than the model's context"):
+        trained_run.ai.generate_to_file(n=2, destination_path=tmp_path / "s.txt", prompt="ROMEO " * 40)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"generate_every": -1}, "train.generate_every must be >= 0"),
+        ({"n_generate": 0}, "train.n_generate must be >= 1"),
+    ],
+)
+def test_sample_settings_are_range_checked(kw, message) -> None:
+    from gpt2_flax.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kw)
