@@ -21,7 +21,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench_ours(cfg, batches: list[np.ndarray], warmup: int) -> float:
+def make_ours(cfg):
+    """A `run(batch) -> sync()` closure: one train step of ours; calling the result waits for it."""
     import jax
 
     from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of
@@ -39,18 +40,12 @@ def bench_ours(cfg, batches: list[np.ndarray], warmup: int) -> float:
         nonlocal state
         b = {"input_ids": batch[:, :-1].astype(np.int32), "labels": batch[:, 1:].astype(np.int32)}
         state, metrics = setup.step_fn(state, to_global(b, setup.mesh))
-        return metrics
+        return lambda: jax.block_until_ready(metrics)
 
-    for b in batches[:warmup]:
-        jax.block_until_ready(run(b))
-    t0 = time.perf_counter()
-    for b in batches[warmup:]:
-        metrics = run(b)
-    jax.block_until_ready(metrics)
-    return time.perf_counter() - t0
+    return run
 
 
-def bench_torch(cfg, batches: list[np.ndarray], warmup: int, compile_: bool) -> float:
+def make_torch(cfg, compile_: bool):
     import contextlib
 
     import torch
@@ -92,19 +87,33 @@ def bench_torch(cfg, batches: list[np.ndarray], warmup: int, compile_: bool) -> 
 
     fn = torch.compile(step) if compile_ else step
 
-    def run(batch: np.ndarray) -> torch.Tensor:
+    def run(batch: np.ndarray):
         t = torch.from_numpy(batch.astype(np.int64)).to(device)
-        return fn(t[:, :-1].contiguous(), t[:, 1:].contiguous())
+        loss = fn(t[:, :-1].contiguous(), t[:, 1:].contiguous())
+        return loss.item  # waits for the device
 
-    for b in batches[:warmup]:
-        run(b)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for b in batches[warmup:]:
-        loss = run(b)
-    loss.item()  # waits for the device
-    return time.perf_counter() - t0
+    return run
+
+
+def bench(runs: dict, batches: list[np.ndarray], warmup: int, rounds: int) -> dict[str, float]:
+    """Seconds per step of each contender: after `warmup` steps each, `rounds` rounds in which every
+    contender runs its share of the timed steps in turn; the median round counts. Interleaving
+    keeps a slow spell on this 2-core machine from landing on one contender alone."""
+    for run in runs.values():
+        for b in batches[:warmup]:
+            run(b)()
+    timed = batches[warmup:]
+    per = max(1, len(timed) // rounds)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        chunk = timed[r * per : (r + 1) * per] or timed[:per]
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            for b in chunk:
+                sync = run(b)
+            sync()
+            times[name].append((time.perf_counter() - t0) / len(chunk))
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def main() -> None:
@@ -112,6 +121,7 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "configs" / "seed.yaml"))
     p.add_argument("--steps", type=int, default=40, help="timed steps per contender")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds the timed steps are split into")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=16")
     args = p.parse_args()
@@ -122,9 +132,10 @@ def main() -> None:
     t, b = cfg.block_size, cfg.train.batch_size
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, cfg.model.vocab_size, (b, t + 1)) for _ in range(args.warmup + args.steps)]
-    tokens = args.steps * b * t
     import jax
     import torch
+
+    import gpt2_flax.sharding  # noqa: F401  (tunes the host allocator before JAX starts: host.py)
 
     torch.set_num_threads(os.cpu_count() or 1)
     print(
@@ -133,10 +144,10 @@ def main() -> None:
         f"torch {torch.__version__} ({'cuda, bf16 autocast' if torch.cuda.is_available() else 'cpu'}) "
         f"with {torch.get_num_threads()} threads"
     )
-    results = {"gpt2_flax (jax.jit)": bench_ours(cfg, batches, args.warmup)}
-    results["HF PyTorch eager"] = bench_torch(cfg, batches, args.warmup, compile_=False)
+    runs = {"gpt2_flax (jax.jit)": make_ours(cfg), "HF PyTorch eager": make_torch(cfg, compile_=False)}
     if not args.no_compile:
-        results["HF PyTorch torch.compile"] = bench_torch(cfg, batches, args.warmup, compile_=True)
+        runs["HF PyTorch torch.compile"] = make_torch(cfg, compile_=True)
+    results = bench(runs, batches, args.warmup, args.rounds)  # seconds per step
     ours = results["gpt2_flax (jax.jit)"]
     # MFU: model FLOPs (6N + attention, as the training log counts them) against the machine's
     # peak (chip table; a measured matmul rate on CPUs), the same number for every contender.
@@ -150,8 +161,8 @@ def main() -> None:
     print(f"MFU against {peak / 1e12:.2f} TFLOP/s ({how}); {per_token / 1e6:.1f} MFLOP per token")
     print(f"{'contender':28s} {'s/step':>8s} {'tokens/s':>10s} {'MFU':>7s} {'our speed / theirs':>20s}")
     for name, secs in results.items():
-        mfu = tokens / secs * per_token / peak if peak else float("nan")
-        print(f"{name:28s} {secs / args.steps:8.4f} {tokens / secs:10,.0f} {mfu:7.1%} {secs / ours:19.2f}x")
+        mfu = b * t / secs * per_token / peak if peak else float("nan")
+        print(f"{name:28s} {secs:8.4f} {b * t / secs:10,.0f} {mfu:7.1%} {secs / ours:19.2f}x")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from flax import nnx
 
 from gpt2_flax.config import Config
 from gpt2_flax.metrics import chip_peak_flops, flops_per_token
-from gpt2_flax.model import GPT2LMHeadModel, compute_dtype, gpt2_config_of
+from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of
 from gpt2_flax.sharding import batch_sharding, make_mesh
 from gpt2_flax.train import plan
 
@@ -105,7 +105,7 @@ def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
     gcfg = gpt2_config_of(m)
     abstract = nnx.eval_shape(
         lambda: GPT2LMHeadModel(
-            gcfg, dtype=compute_dtype(m.dtype, "tpu"), remat=m.remat, vocab_multiple=m.vocab_multiple
+            gcfg, dtype=m.dtype, remat=m.remat, vocab_multiple=m.vocab_multiple, platform="tpu"
         )
     )
     graphdef, state = nnx.split(abstract)

@@ -178,6 +178,16 @@ def _attend(q: Array, k: Array, v: Array, mask: Array, rate: float, key: Array |
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def unroll_layers(platform: str, n_layer: int) -> bool:
+    """Whether the training forward unrolls its layer scan (the parameters stay stacked either way).
+    XLA:CPU, small models only: a rolled scan writes every layer's saved activations into stacked
+    (L, ...) buffers and slices them back out in the backward; unrolled, each is a plain buffer.
+    Measured fwd+bwd on this project's 2-core CPU: demo (4 layers) 173 -> 138 ms, seed (8 layers)
+    233 -> 213 ms. Compile time grows with the layers (GPT-2 124M, 12 layers: 4.5 -> 9.8 s) for no
+    measurable step gain, so larger models, TPU and GPU keep the rolled scan."""
+    return platform == "cpu" and n_layer <= 8
+
+
 def _fused_attention_ok(dtype: Any, dropout_rate: float) -> bool:
     """cuDNN's fused attention: GPUs, 16-bit compute, no dropout on the attention probabilities.
     Elsewhere (CPU, TPU, fp32) the explicit einsum path is used; on XLA:CPU it is the faster one."""
@@ -236,12 +246,17 @@ class GPT2LMHeadModel(nnx.Module):
         dtype: Any = "auto",
         vocab_multiple: int = 128,
         remat: str = "none",
+        platform: str | None = None,
     ):
+        """platform: where the model will run ("cpu", "tpu", "gpu"), by default JAX's default
+        backend; it picks the "auto" compute dtype and the layer loop (`unroll_layers`)."""
         _check_supported(config)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
+        platform = platform or jax.default_backend()
         self.config = config
-        self.dtype = compute_dtype(dtype)
+        self.dtype = compute_dtype(dtype, platform)
         self.remat = remat
+        self.unroll = unroll_layers(platform, config.n_layer)
         self.vocab_size = config.vocab_size
         vp = padded_vocab_size(config.vocab_size, vocab_multiple)
         std = config.initializer_range
@@ -349,7 +364,12 @@ class GPT2LMHeadModel(nnx.Module):
 
         if self.remat != "none":
             body = nnx.remat(body, policy=_REMAT_POLICIES[self.remat])
-        scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0 if keys is not None else None), out_axes=nnx.Carry)
+        scan = nnx.scan(
+            body,
+            in_axes=(nnx.Carry, 0, 0 if keys is not None else None),
+            out_axes=nnx.Carry,
+            unroll=True if self.unroll else 1,
+        )
         return scan(x, self.h, keys)
 
 

@@ -19,6 +19,10 @@ from flax.nnx import traversals
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2_flax.config import ConfigError, MeshConfig
+from gpt2_flax.host import tune_allocator
+
+# Importing jax starts nothing; this runs before JAX's CPU client and its threads (host.py: why).
+tune_allocator()
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch dimension is split over every data-parallel axis.
