@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gpt2_flax.config import Config
+from gpt2_flax.errors import ConfigError
 from gpt2_flax.metrics import chip_peak_flops, flops_per_token
 from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of
 from gpt2_flax.sharding import batch_sharding, make_mesh
@@ -88,7 +89,7 @@ def topology_devices(topology: str) -> list[Any]:
 
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as e:  # no libtpu, or a name libtpu does not know
-        raise ValueError(
+        raise ConfigError(
             f"cannot describe TPU topology {topology!r} ({e}); install libtpu (pip install 'gpt2_flax[tpu]') "
             "and use a name like v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4"
         ) from e

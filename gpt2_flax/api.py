@@ -10,6 +10,7 @@ ai.generate(n=3, prompt="ROMEO:")
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from flax import nnx
 from transformers import GPT2Config
 
 from gpt2_flax.config import Config, ConfigError, DataConfig, MeshConfig, TrainConfig
-from gpt2_flax.convert import check_not_other_model, export_pretrained, load_hf_state_dict, read_weights
+from gpt2_flax.convert import export_pretrained, load_hf_state_dict, read_manifest, read_weights
+from gpt2_flax.errors import DataError
 from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of, model_config_of
 from gpt2_flax.sampling import GenerateArgs, GenerationMixin
 from gpt2_flax.sharding import init_sharded
@@ -39,7 +41,10 @@ def _load_config(config: GPT2Config | PathLike | None, model_folder: PathLike | 
     path = Path(config)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    return GPT2Config.from_json_file(str(path))
+    try:
+        return GPT2Config.from_json_file(str(path))
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise DataError(f"{path} is not a readable config.json ({e}); export the model again") from None
 
 
 class GPT2(GenerationMixin):
@@ -68,7 +73,16 @@ class GPT2(GenerationMixin):
     ):
         if tokenizer is None:
             tokenizer = _load_tokenizer(vocab_file, merges_file, tokenizer_file, model_folder)
+        if model_folder is not None and (
+            tokenizer_file or vocab_file or merges_file or tokenizer is not None
+        ):
+            _check_folder_tokenizer(model_folder, tokenizer)
         self.tokenizer = tokenizer
+        # Where this model comes from, for exports: saving back into the folder it was loaded from
+        # (or into this run's output_dir) replaces it; any other model folder needs overwrite=True.
+        manifest = read_manifest(model_folder) if model_folder is not None else None
+        self.lineage = (manifest or {}).get("lineage") or uuid.uuid4().hex
+        self.tokenizer_files: dict[str, str] = {}  # a freshly trained tokenizer's files, for the run folder
         self.config = _load_config(config, model_folder)
         vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
         if self.config.vocab_size != vocab:
@@ -146,10 +160,6 @@ class GPT2(GenerationMixin):
         cfg = self.run_config(
             data, mesh, batch_size=batch_size, num_steps=num_steps, output_dir=str(output_dir), **train_kwargs
         )
-        # Before training, not after it: the export goes into output_dir. (A training folder, with
-        # run.json, is checked against its checkpoints by fit, with a more precise message.)
-        if not overwrite and "://" not in str(output_dir) and not (Path(output_dir) / "run.json").exists():
-            check_not_other_model(output_dir, self.config)
         sample = lambda params, step: self._training_samples(params, cfg.train, step)
         result = fit(
             self.model,
@@ -159,8 +169,10 @@ class GPT2(GenerationMixin):
             overwrite=overwrite,
             sample_fn=sample,
             progress=progress,
+            tokenizer_files=self.tokenizer_files,
         )
         self.model = nnx.merge(result.graphdef, result.params)
+        self.lineage = result.run_id  # the export at the end (and later saves) belong to this run
         if not result.stopped_early:  # a stopped run resumes later; the export is of final weights
             self.save(output_dir, overwrite=overwrite)
         self.stopped_early = result.stopped_early
@@ -168,7 +180,9 @@ class GPT2(GenerationMixin):
 
     def save(self, target_folder: PathLike = "trained_model", overwrite: bool = False) -> Path:
         """Writes config.json, model.safetensors, pytorch_model.bin (with torch) and tokenizer files."""
-        return export_pretrained(self.model, self.tokenizer, target_folder, overwrite=overwrite)
+        return export_pretrained(
+            self.model, self.tokenizer, target_folder, overwrite=overwrite, lineage=self.lineage
+        )
 
     def _training_samples(self, params: Any, tc: TrainConfig, step: int) -> list[str]:
         """train.n_generate samples at a generate_every step; seeded by the step, so a resumed run
@@ -201,25 +215,44 @@ def _load_tokenizer(
     return load_tokenizer(vocab_file, merges_file, tokenizer_file)
 
 
-def _run_tokenizer(cfg: Config, files: list[str]) -> Any:
-    """The tokenizer a CLI run uses: the configured one, the token cache's, or one trained on `files`."""
-    from gpt2_flax.corpus import local_cache_dir
+def _check_folder_tokenizer(model_folder: PathLike, tokenizer: Any) -> None:
+    """A model folder's weights were trained with its own tokenizer: another one (even of the same
+    size) would map ids to other text, and generate garbage without an error."""
+    own = _load_tokenizer(None, None, None, model_folder)
+    if tokenizer_fingerprint(own) != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(
+            f"the tokenizer passed is not the one of model_folder {model_folder} (fingerprints differ): "
+            "its weights only make sense with their own tokenizer. Leave out tokenizer_file / vocab_file "
+            "/ merges_file / tokenizer to use the folder's"
+        )
+
+
+def _run_tokenizer(cfg: Config, files: list[str], overwrite: bool) -> tuple[Any, dict[str, str]]:
+    """The tokenizer a CLI run uses, and the files to write into the run folder: the configured one,
+    the token cache's, the resumed run's own, or one trained on `files`. A trained tokenizer is
+    staged in a temporary folder; the run folder gets it only once its checks pass (run_dir.py)."""
+    import tempfile
+
     from gpt2_flax.tokenizer import train_tokenizer
 
     d, out = cfg.data, Path(cfg.train.output_dir)
     if d.tokenizer_file or d.vocab_file or d.merges_file:
-        return load_tokenizer(d.vocab_file, d.merges_file, d.tokenizer_file)
+        return load_tokenizer(d.vocab_file, d.merges_file, d.tokenizer_file), {}
     if d.from_cache:
-        return load_tokenizer(tokenizer_file=Path(d.from_cache) / "tokenizer.json")
-    vocab, merges = train_tokenizer(
-        files,
-        vocab_size=cfg.model.vocab_size,
-        min_frequency=d.min_frequency,
-        # Beside a local run; a gs:// run keeps it in the local cache (run_tokenizer.json and the
-        # export carry it to the bucket).
-        save_path=out / "tokenizer" if "://" not in str(out) else local_cache_dir() / "tokenizer",
-    )
-    return load_tokenizer(vocab, merges)
+        return load_tokenizer(tokenizer_file=Path(d.from_cache) / "tokenizer.json"), {}
+    resumed = out / "run_tokenizer.json"
+    if not overwrite and "://" not in str(out) and resumed.is_file() and (out / "checkpoints").is_dir():
+        return load_tokenizer(tokenizer_file=resumed), {}  # a resume: the run's tokenizer, not a new one
+    with tempfile.TemporaryDirectory(prefix="gpt2_flax-tokenizer-") as tmp:
+        vocab, merges = train_tokenizer(
+            files,
+            vocab_size=cfg.model.vocab_size,
+            min_frequency=d.min_frequency,
+            save_path=tmp,
+            encoding_errors=d.encoding_errors,
+        )
+        staged = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir())}
+        return load_tokenizer(vocab, merges), staged
 
 
 def _run_dataset(cfg: Config, files: list[str], tokenizer: Any) -> Any:
@@ -247,6 +280,7 @@ def _run_dataset(cfg: Config, files: list[str], tokenizer: Any) -> Any:
         validation_split=d.validation_split,
         validation_files=list(d.validation_files) or None,
         num_proc=d.num_proc,
+        skip_bad_records=d.skip_bad_records,
     )
 
 
@@ -259,7 +293,7 @@ def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True,
     if not files and not cfg.data.from_cache:
         files = [str(write_demo_corpus(local_cache_dir() / "demo_corpus.txt"))]
         print(f"gpt2-flax: no --data given; training on Python standard-library docstrings ({files[0]})")
-    tokenizer = _run_tokenizer(cfg, files)
+    tokenizer, tokenizer_files = _run_tokenizer(cfg, files, overwrite)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     trained_here = not (cfg.data.tokenizer_file or cfg.data.vocab_file or cfg.data.from_cache)
     if vocab_size != cfg.model.vocab_size and trained_here:
@@ -277,6 +311,7 @@ def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True,
         remat=m.remat,
         vocab_multiple=m.vocab_multiple,
     )
+    ai.tokenizer_files = tokenizer_files
     train_kwargs = dataclasses.asdict(cfg.train)
     ai.train(data, mesh=dataclasses.asdict(cfg.mesh), overwrite=overwrite, progress=progress, **train_kwargs)
     if ai.stopped_early:  # preempted or stop_at_step: the checkpoint is written, the run resumes later

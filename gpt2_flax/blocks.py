@@ -16,19 +16,21 @@ from typing import Any
 
 import numpy as np
 
+from gpt2_flax.errors import DataError
+
 EVAL_SEED = 0  # eval_batches visits validation rows in this fixed order
 
 
 def _rows_per_process(batch_size: int, process_index: int, process_count: int) -> int:
     if batch_size < 1 or process_count < 1:
-        raise ValueError(f"batch_size ({batch_size}) and process_count ({process_count}) must be >= 1.")
+        raise DataError(f"batch_size ({batch_size}) and process_count ({process_count}) must be >= 1.")
     if batch_size % process_count:
-        raise ValueError(
+        raise DataError(
             f"batch_size={batch_size} is not divisible by process_count={process_count}: use a global "
             f"batch size that is a multiple of {process_count}."
         )
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
+        raise DataError(f"process_index={process_index} must be in [0, {process_count}).")
     return batch_size // process_count
 
 
@@ -79,7 +81,7 @@ class Blocks:
         """
         rows = _rows_per_process(batch_size, process_index, process_count)
         if step < 0 or seed < 0:
-            raise ValueError(f"step ({step}) and seed ({seed}) must be >= 0.")
+            raise DataError(f"step ({step}) and seed ({seed}) must be >= 0.")
         samples = step * batch_size + process_index * rows + np.arange(rows, dtype=np.int64)
         return self._gather(self.blocks_for(samples, seed))
 
@@ -144,9 +146,9 @@ class PackedBlocks(Blocks):
         self, tokens: np.ndarray, block_size: int, name: str = "dataset", block_ids: np.ndarray | None = None
     ) -> None:
         if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}.")
+            raise DataError(f"block_size must be >= 1, got {block_size}.")
         if tokens.shape[0] < block_size + 1:
-            raise ValueError(
+            raise DataError(
                 f"{name} has only {tokens.shape[0]} tokens, but one training block needs block_size + 1 = "
                 f"{block_size + 1}: use a smaller block_size or add more text."
             )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gpt2_flax.config import Config
-from gpt2_flax.tokenizer import tokenizer_fingerprint
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (NaN loss, an output location that cannot hold the run...)."""
-
-
-class CheckpointError(TrainingError):
-    """The output location cannot hold this run (not writable, full, another model's run)."""
+from gpt2_flax.errors import CheckpointError, TrainingError  # noqa: F401  (re-exported)
 
 
 class Checkpointer:
@@ -88,6 +79,15 @@ class Checkpointer:
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
         return {k: out[k] for k in items}
 
+    def set_aside(self, step: int) -> str:
+        """Moves an unreadable step out of Orbax's sight (renamed, never deleted), so the run can go
+        on from an older one and later save this step again; returns the new name."""
+        src = epath.Path(self.directory) / str(step)
+        dst = epath.Path(self.directory) / f"{step}.unreadable-{int(time.time())}"
+        src.rename(dst)
+        self._manager.reload()
+        return str(dst)
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
@@ -96,51 +96,8 @@ class Checkpointer:
         self._manager.close()
 
 
-def _identity(cfg: Config, tokenizer: Any) -> dict[str, Any]:
-    # What a resumed run must share with the checkpoint: the model and the tokenizer.
-    return {"model": cfg.to_dict()["model"], "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
-
-
 def state_bytes(tree: Any) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def open_run_dir(cfg: Config, tokenizer: Any, *, overwrite: bool, checkpoint_bytes: int = 0) -> epath.Path:
-    """Checks the output location before the first step (writable, room for two checkpoints, not
-    another model's run) and records the run's config and tokenizer there."""
-    out = epath.Path(cfg.train.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{jax.process_index()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise CheckpointError(f"cannot write to output_dir {out}: {e}; choose a writable folder") from e
-    if "://" not in str(out) and checkpoint_bytes:
-        free = shutil.disk_usage(str(out)).free
-        if free < 2 * checkpoint_bytes:  # the newest checkpoint is written before the oldest is deleted
-            raise CheckpointError(
-                f"output_dir {out} has {free / 2**30:.2f} GiB free but two checkpoints need "
-                f"{2 * checkpoint_bytes / 2**30:.2f} GiB; free space or choose another folder"
-            )
-    ident = _identity(cfg, tokenizer)
-    run_file, ckpts = out / "run.json", out / "checkpoints"
-    if run_file.exists() and ckpts.exists() and not overwrite:
-        old = json.loads(run_file.read_text())
-        if {k: old.get(k) for k in ident} != ident:
-            raise CheckpointError(
-                f"{out} holds the checkpoints of another model or tokenizer; choose another "
-                "output_dir, or pass overwrite=True (CLI: --overwrite) to replace that run"
-            )
-    elif overwrite and jax.process_index() == 0:
-        if ckpts.exists():
-            ckpts.rmtree()
-        if (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
-    if jax.process_index() == 0:
-        run_file.write_text(json.dumps({**ident, "config": cfg.to_dict()}, indent=2, sort_keys=True))
-        (out / "run_tokenizer.json").write_text(tokenizer.to_str())
-    return out
 
 
 def trim_metrics(out: epath.Path, step: int) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_flax.config import Config, ConfigError, load_config
+from gpt2_flax.errors import GPT2FlaxError
 
 # The main job with no arguments: the seed page's kind of model, sized to train in a few CPU minutes
 # on the offline stdlib-docstring corpus. configs/demo.yaml holds the same values (a test checks).
@@ -76,11 +77,12 @@ def resolve_config(args: argparse.Namespace, extra: Sequence[str]) -> Config:
 
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    cfg = resolve_config(args, extra)  # config errors in milliseconds: JAX is not imported yet
+
     from gpt2_flax.api import run_training
     from gpt2_flax.sharding import maybe_initialize
 
     maybe_initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
-    cfg = resolve_config(args, extra)
     run_training(cfg, overwrite=args.overwrite, progress=not args.no_progress, samples=args.samples)
     return 0
 
@@ -97,6 +99,7 @@ def cmd_train_tokenizer(args: argparse.Namespace, extra: Sequence[str]) -> int:
         save_path=args.save_path,
         prefix=args.prefix,
         show_progress=True,
+        encoding_errors=args.encoding_errors,
     )
     print(f"wrote {vocab}\nwrote {merges}\nwrote {Path(args.save_path) / (args.prefix + '.tokenizer.json')}")
     return 0
@@ -185,9 +188,10 @@ def cmd_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_compile(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    cfg = load_config(args.config, split_overrides(extra))  # before JAX: config errors at once
+
     from gpt2_flax.aot import compile_for_topology, report_dict
 
-    cfg = load_config(args.config, split_overrides(extra))
     report = compile_for_topology(cfg, args.topology)
     print(json.dumps(report_dict(report)) if args.json else report.format())
     return 0 if report.fits else 1
@@ -234,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--save-path", default=".", help="output folder (default .)")
     k.add_argument(
         "--prefix", default="gpt2_flax", help="file prefix: PREFIX-vocab.json ... (default gpt2_flax)"
+    )
+    k.add_argument(
+        "--encoding-errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="invalid UTF-8: an error naming file and offset (strict) or U+FFFD (replace)",
     )
     k.set_defaults(func=cmd_train_tokenizer)
 
@@ -301,16 +311,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix, printed as one message (exit 2). Anything else is a bug in
+    gpt2_flax and keeps its traceback. The tokenizers library raises bare Exceptions for unreadable
+    files; they are wrapped into DataError where files are read (sources.py, tokenizer.py)."""
+    import pickle
+    import zipfile
+
+    import yaml
+
+    errors: list[type[BaseException]] = [
+        GPT2FlaxError,
+        OSError,  # FileNotFoundError, PermissionError, disk full ...
+        yaml.YAMLError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        UnicodeDecodeError,
+        ImportError,  # an optional extra (torch, libtpu) not installed: the message says which
+    ]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    from gpt2_flax.checkpoint import TrainingError
-
     try:
         return args.func(args, extra)
-    except (ConfigError, TrainingError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-        print(f"gpt2-flax {args.command}: error: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        print(f"gpt2-flax {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e):
+        return f"{e} ({e.filename})"
+    if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
+        return f"{e}: the disk is full; free space (older checkpoints are intact) and run again to resume"
+    return str(e) or type(e).__name__
 
 
 if __name__ == "__main__":

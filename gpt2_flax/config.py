@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -22,9 +23,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration key, value or combination that cannot work."""
+from gpt2_flax.errors import ConfigError  # noqa: F401  (re-exported: gpt2_flax.config.ConfigError)
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,9 @@ class ModelConfig:
     remat: str = "none"
 
     def __post_init__(self) -> None:
+        _check_types(self, "model")
+        if not (0.0 < self.layer_norm_epsilon < 1.0):
+            raise ConfigError(f"model.layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon}")
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_multiple"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -82,6 +84,25 @@ class DataConfig:
     validation_files: tuple[str, ...] = ()  # or separate validation files
     num_proc: int = 1  # encoding worker processes
     from_cache: str | None = None  # a token cache folder from `gpt2-flax encode --output` (no re-encoding)
+    # CSV rows with the wrong number of fields, JSONL lines that are not JSON or lack the text field,
+    # empty documents: false = an error naming the file and line; true = skipped, counted in a warning.
+    skip_bad_records: bool = False
+
+    def __post_init__(self) -> None:
+        _check_types(self, "data")
+        if self.block_size is not None and self.block_size < 1:
+            raise ConfigError(
+                f"data.block_size must be >= 1 (or null = model.n_positions), got {self.block_size}"
+            )
+        for name in ("min_frequency", "num_proc"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ConfigError(f"data.validation_split must be in [0, 1), got {self.validation_split}")
+        if self.long_documents not in ("split", "truncate"):
+            raise ConfigError(f"data.long_documents must be split or truncate, got {self.long_documents!r}")
+        if self.encoding_errors not in ("strict", "replace"):
+            raise ConfigError(f"data.encoding_errors must be strict or replace, got {self.encoding_errors!r}")
 
 
 @dataclass(frozen=True)
@@ -110,11 +131,15 @@ class TrainConfig:
     n_generate: int = 1  # samples each generate_every steps
     sample_prompt: str = ""  # the prompt of those samples (and of the samples printed after training)
     output_dir: str = "trained_model"
+    # Resume the run in output_dir although its data changed (run.json records the old data); the
+    # data position is the step's, in the new data.
+    resume_with_new_data: bool = False
     # Peak FLOP/s of one chip (of one host on CPUs) for the MFU shown and logged; 0 = the table of
     # known TPUs/GPUs in metrics.py, or a measured matmul rate on CPUs.
     peak_flops: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_types(self, "train")
         positive = (
             "batch_size",
             "num_steps",
@@ -126,14 +151,33 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.peak_flops >= 0:
+        # (low, high, what): `not low <= x <= high` is also true for NaN, so NaN is refused too.
+        ranges = {
+            "learning_rate": (1e-30, math.inf, "a finite number > 0"),
+            "min_lr_ratio": (0.0, 1.0, "in [0, 1]"),
+            "weight_decay": (0.0, math.inf, "a finite number >= 0"),
+            "adam_b1": (0.0, 0.999999, "in [0, 1)"),
+            "adam_b2": (0.0, 0.999999, "in [0, 1)"),
+            "adam_eps": (1e-30, 1.0, "in (0, 1]"),
+            "max_grad_norm": (0.0, math.inf, "a finite number >= 0 (0 = no clipping)"),
+            "save_every_minutes": (0.0, math.inf, "a finite number >= 0 (0 = off)"),
+            "peak_flops": (0.0, math.inf, "a finite number >= 0 (0 = from the chip table)"),
+        }
+        for name, (low, high, what) in ranges.items():
+            value = getattr(self, name)
+            if not (low <= value <= high and math.isfinite(value)):
+                raise ConfigError(f"train.{name} must be {what}, got {value}")
+        for name in ("save_every", "keep_every", "eval_every", "eval_batches", "generate_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(
-                f"train.peak_flops must be >= 0 (0 = from the chip table), got {self.peak_flops}"
+                f"train.warmup_steps must be >= 0 (or null = 5% of num_steps), got {self.warmup_steps}"
             )
-        if self.generate_every < 0:
-            raise ConfigError(f"train.generate_every must be >= 0 (0 = never), got {self.generate_every}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise ConfigError(
+                f"train.stop_at_step must be >= 1 (or null = num_steps), got {self.stop_at_step}"
+            )
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(
                 f"train.batch_size ({self.batch_size}) must be divisible by "
@@ -153,6 +197,9 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+
+    def __post_init__(self) -> None:
+        _check_types(self, "mesh")
 
 
 @dataclass(frozen=True)
@@ -181,6 +228,24 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- building from dicts
+
+
+def _check_types(obj: Any, section: str) -> None:
+    """Every field holds its annotated type (Python callers skip the YAML/CLI coercion below):
+    `block_size=3.5` is an error here, not an AxisError deep in the data pipeline."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        try:
+            _coerce(value, hints[f.name], f"{section}.{f.name}")
+        except ConfigError as e:
+            raise ConfigError(f"{e}; pass a {_type_name(hints[f.name])}") from None
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    names = {int: "whole number", float: "number", str: "string", bool: "true/false"}
+    return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -269,7 +334,10 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {loaded!r}")
         values = _merge(values, loaded)

@@ -13,10 +13,12 @@ truncated file where a good one stood.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from flax import nnx
 from flax.nnx import traversals
 from transformers import GPT2Config
 
+from gpt2_flax.errors import DataError, ExportError
 from gpt2_flax.model import GPT2LMHeadModel
 
 # Our per-layer path (under the stacked `h`) -> HF name under `transformer.h.{i}.`
@@ -98,15 +101,15 @@ def load_hf_state_dict(model: GPT2LMHeadModel, state_dict: dict[str, Any], sourc
     for ours, theirs in _BLOCK_NAMES.items():
         want[f"h.{ours}"] = np.stack([_take(sd, f"h.{i}.{theirs}", source) for i in range(n_layer)])
     if sd:
-        raise ValueError(
+        raise DataError(
             f"{source} holds weights this GPT2Config has no place for: {sorted(sd)[:8]}; "
             "is the config (n_layer, ...) the one these weights were trained with?"
         )
     wte = want["wte.embedding"]
     if lm_head is not None and not np.array_equal(lm_head, wte):
-        raise ValueError(f"{source} has an untied lm_head; gpt2_flax GPT-2 ties lm_head to wte")
+        raise DataError(f"{source} has an untied lm_head; gpt2_flax GPT-2 ties lm_head to wte")
     if wte.shape[0] != model.vocab_size:
-        raise ValueError(
+        raise DataError(
             f"{source} has a vocabulary of {wte.shape[0]} tokens but the config says "
             f"vocab_size={model.vocab_size}; use the config.json saved with these weights"
         )
@@ -114,7 +117,7 @@ def load_hf_state_dict(model: GPT2LMHeadModel, state_dict: dict[str, Any], sourc
     want["wte.embedding"] = np.concatenate([wte, np.zeros((padded - wte.shape[0], wte.shape[1]), np.float32)])
     for name, value in want.items():
         if value.shape != flat[name].shape:
-            raise ValueError(
+            raise DataError(
                 f"{source}: {name} has shape {value.shape}, the config expects {flat[name].shape}; "
                 "use the config.json saved with these weights"
             )
@@ -142,7 +145,7 @@ def _path(name: str) -> list[str | int]:
 
 def _take(sd: dict[str, np.ndarray], key: str, source: str) -> np.ndarray:
     if key not in sd:
-        raise ValueError(f"{source} has no weight {key!r}; is it a GPT-2 checkpoint for this config?")
+        raise DataError(f"{source} has no weight {key!r}; is it a GPT-2 checkpoint for this config?")
     return sd.pop(key)
 
 
@@ -153,16 +156,29 @@ def read_weights(path: str | Path) -> dict[str, np.ndarray]:
     """HF weights from `model.safetensors`, `pytorch_model.bin` (torch.load weights_only) or a folder."""
     path = Path(path)
     if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (path / name).is_file():
-                return read_weights(path / name)
-        raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+        errors = []
+        for file in found:  # a damaged one falls back to the other
+            try:
+                return read_weights(file)
+            except (DataError, ImportError) as e:
+                errors.append(str(e))
+        raise DataError("; and ".join(errors))
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DataError(
+                f"{path} cannot be read as safetensors ({e}): the file is truncated or damaged; "
+                "export the model again"
+            ) from None
     try:
         import torch
     except ImportError as e:
@@ -170,37 +186,106 @@ def read_weights(path: str | Path) -> dict[str, np.ndarray]:
             f"reading {path} needs PyTorch: pip install 'gpt2_flax[torch]', or use model.safetensors"
         ) from e
     # weights_only=True: a .bin is a pickle, and only plain tensors may come out of it.
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors, and weights_only refusing other objects
+        # torch's own message advises weights_only=False (running the pickle's code): not echoed.
+        what = "objects other than tensors" if "weights_only" in str(e) else "a damaged or truncated file"
+        raise DataError(
+            f"{path} cannot be read as a PyTorch state dict of tensors ({what}: {type(e).__name__}); "
+            "gpt2_flax loads only plain tensors from .bin files. Use a model.safetensors, or export "
+            "the model again"
+        ) from None
     if not isinstance(sd, dict):
-        raise ValueError(f"{path} is not a state dict (it holds a {type(sd).__name__})")
+        raise DataError(f"{path} is not a state dict (it holds a {type(sd).__name__})")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{path} is not a state dict of tensors (non-tensor entries: {bad[:5]})")
+        raise DataError(f"{path} is not a state dict of tensors (non-tensor entries: {bad[:5]})")
     return {k: v.float().numpy() for k, v in sd.items()}
 
 
-def check_not_other_model(out_dir: Any, config: GPT2Config) -> None:
-    """Refuses to write into a folder whose config.json describes a different architecture."""
-    existing = epath.Path(out_dir) / "config.json"
-    if not existing.exists():
-        return
+MANIFEST = ".gpt2_flax_export.json"
+# Names an export writes; a folder holding any of them already holds a model.
+EXPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(folder: Any) -> dict[str, Any] | None:
+    """The record an export leaves: which model lineage wrote it and the sha256 of every file."""
+    path = epath.Path(folder) / MANIFEST
     try:
-        old = json.loads(existing.read_text())
+        return json.loads(path.read_text()) if path.exists() else None
     except (OSError, json.JSONDecodeError):
-        old = {}
-    new = config.to_dict()
-    diff = {k: (old.get(k), new.get(k)) for k in ARCH_KEYS if old.get(k) != new.get(k)}
-    if diff:
-        raise FileExistsError(
-            f"{out_dir} already holds another model (differs in {diff}); choose another folder "
-            "or pass overwrite=True (CLI: --overwrite) to replace it"
-        )
+        return None
+
+
+def check_export_target(out_dir: Any, lineage: str, config: GPT2Config | None = None) -> None:
+    """Refuses a folder that holds another model: one whose files were not all written, unchanged,
+    by an export of this lineage (this run, or the model folder this model was loaded from). Its
+    config, tokenizer and weights all count: a folder with the same architecture but other weights
+    or another tokenizer is another model. Checked before anything is written; nothing is read but
+    the manifest and the files it lists."""
+    folder = epath.Path(out_dir)
+    if "://" in str(out_dir) or not folder.is_dir():
+        return
+    present = [n for n in EXPORT_FILES if (folder / n).exists()]
+    if not present:
+        return
+    manifest = read_manifest(folder)
+    if manifest is None:
+        why = f"its {', '.join(present)} were not written by a gpt2_flax export"
+    elif manifest.get("lineage") != lineage:
+        why = "it was exported from another run or model"
+    else:
+        files = manifest.get("files", {})
+        changed = [n for n in present if n not in files or _sha256(Path(folder / n)) != files[n]]
+        if not changed:
+            return
+        why = f"{', '.join(changed)} changed since gpt2_flax wrote them"
+    arch = ""
+    if config is not None and (folder / "config.json").exists():
+        try:
+            old = json.loads((folder / "config.json").read_text())
+            new = config.to_dict()
+            diff = {k: (old.get(k), new.get(k)) for k in ARCH_KEYS if old.get(k) != new.get(k)}
+            arch = f" (config differs: {diff})" if diff else ""
+        except (OSError, json.JSONDecodeError):
+            arch = ""
+    raise ExportError(
+        f"{out_dir} already holds another model: {why}{arch}. Nothing was written. Choose another "
+        "folder, or pass overwrite=True (CLI: --overwrite) to replace the model files there (other "
+        "files in the folder are left alone)"
+    )
 
 
 def export_pretrained(
-    model: GPT2LMHeadModel, tokenizer: Any, out_dir: str | Path, *, overwrite: bool = False
+    model: GPT2LMHeadModel,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    lineage: str | None = None,
 ) -> Path:
-    """Writes the PyTorch-ready folder for `model` and its `tokenizers.Tokenizer`."""
+    """Writes the PyTorch-ready folder for `model` and its `tokenizers.Tokenizer`. `lineage` names
+    where the model comes from (a run id, or the folder it was loaded from): a folder exported
+    before with the same lineage, untouched since, is replaced without `overwrite`."""
     import jax
 
     from gpt2_flax.tokenizer import save_transformers_tokenizer
@@ -210,10 +295,12 @@ def export_pretrained(
     state_dict = to_hf_state_dict(model)  # a collective on multi-host runs: every process gathers
     if jax.process_index() != 0:  # only process 0 writes files
         return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lineage = lineage or uuid.uuid4().hex
     if not overwrite:
-        check_not_other_model(out_dir, config)
+        check_export_target(out_dir, lineage, config)
+    out_dir.mkdir(parents=True, exist_ok=True)
     remote = "://" in str(out_dir)
+    old = (read_manifest(out_dir) or {}).get("files", {})
     # Local: a temporary folder beside the target so each os.replace is an atomic rename.
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=None if remote else out_dir))
     try:
@@ -223,11 +310,23 @@ def export_pretrained(
         config.save_pretrained(tmp)
         generation_config(config).save_pretrained(tmp)
         save_transformers_tokenizer(tokenizer, tmp, model_max_length=config.n_positions)
-        for f in sorted(tmp.iterdir()):
+        files = sorted(tmp.iterdir())
+        for f in files:
+            f.chmod(0o644)  # ordinary permissions (mkstemp-style 0600 otherwise, e.g. safetensors)
+        manifest = {"lineage": lineage, "files": {f.name: _sha256(f) for f in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (tmp / MANIFEST).chmod(0o644)
+        for f in [*files, tmp / MANIFEST]:  # the manifest last: it vouches for the files before it
             if remote:  # object stores replace a whole object at once
                 epath.Path(f).copy(out_dir / f.name, overwrite=True)
             else:
                 os.replace(f, out_dir / f.name)
+        # Model files not written now (a .bin from a run that had torch): ours from last time, or,
+        # with overwrite, the replaced model's. A stale .bin beside new safetensors is a wrong model.
+        stale = set(old) | (set(EXPORT_FILES) if overwrite else set())
+        for name in sorted(stale - set(manifest["files"])):
+            if (out_dir / name).exists():
+                (out_dir / name).unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -302,4 +401,6 @@ def export_checkpoint(
         params = ckpt.restore(step, target)["params"]
     finally:
         ckpt.close()
-    return export_pretrained(nnx.merge(graphdef, params), tokenizer, out_dir, overwrite=overwrite)
+    lineage = json.loads(run_file.read_text()).get("run_id") or f"run:{run_dir.resolve()}"
+    model = nnx.merge(graphdef, params)
+    return export_pretrained(model, tokenizer, out_dir, overwrite=overwrite, lineage=lineage)

@@ -33,6 +33,7 @@ from gpt2_flax.blocks import EVAL_SEED, Blocks, PackedBlocks, _rows_per_process,
 from gpt2_flax.encode import EncodeOptions as EncodeOptions
 from gpt2_flax.encode import EncodeSettings as EncodeSettings
 from gpt2_flax.encode import encode_stream as encode_stream
+from gpt2_flax.errors import DataError
 from gpt2_flax.packing import DocumentBlocks
 from gpt2_flax.packing import document_pieces as document_pieces
 from gpt2_flax.packing import pack_rows as pack_rows
@@ -65,10 +66,10 @@ def _holdout(n: int, fraction: float, what: str) -> tuple[np.ndarray | None, np.
     if not fraction:
         return None, None
     if not 0 < fraction < 1:
-        raise ValueError(f"validation_split must be in [0, 1), got {fraction}.")
+        raise DataError(f"validation_split must be in [0, 1), got {fraction}.")
     n_val = max(1, round(n * fraction))
     if n_val >= n:
-        raise ValueError(
+        raise DataError(
             f"validation_split={fraction} of {n} {what} leaves none for training: use a smaller "
             "validation_split, more text, or validation_files=."
         )
@@ -89,7 +90,10 @@ class TokenDataset(Blocks):
     longer than block_size. encoding_errors="strict" | "replace" for invalid UTF-8. validation_split
     holds out a fixed fraction of blocks (line_by_line: documents); validation_files encodes separate
     files; either gives `self.validation`, a dataset with get_batch and eval_batches. num_proc: worker
-    processes for encoding; progress: show progress bars while encoding.
+    processes for encoding; progress: show progress bars while encoding. A CSV row with another
+    number of fields than its header, a JSONL line that is not JSON or lacks the text field, or an
+    empty text is a DataError naming the file and line; skip_bad_records=True skips them with a
+    warning instead.
 
     The cache (cache_dir, default $GPT2_FLAX_CACHE or ~/.cache/gpt2_flax/tokens) is keyed by the
     tokenizer, each input's path, size and mtime (or content) and the encoding options; block_size,
@@ -116,15 +120,17 @@ class TokenDataset(Blocks):
         validation_files: Any = None,
         num_proc: int = 1,
         progress: bool = False,
+        skip_bad_records: bool = False,
     ) -> None:
         if tokenizer is None:
             tokenizer = load_tokenizer(vocab_file, merges_file, tokenizer_file)
         if long_documents not in ("split", "truncate"):
-            raise ValueError(f"long_documents must be 'split' or 'truncate', got {long_documents!r}.")
+            raise DataError(f"long_documents must be 'split' or 'truncate', got {long_documents!r}.")
         if validation_split and validation_files is not None:
-            raise ValueError("Pass validation_split= or validation_files=, not both.")
+            raise DataError("Pass validation_split= or validation_files=, not both.")
         enc = {"line_by_line": line_by_line, "text_column": text_column, "header": header}
         enc.update(encoding_errors=encoding_errors, num_proc=num_proc, progress=progress)
+        enc["skip_bad_records"] = skip_bad_records
         sources, entry, meta = encode_sources(tokenizer, file_or_files, texts, cache_dir, **enc)
         self.files = [s.path for s in sources if s.path is not None]
         name = f"Input file {self.files[0]}" if len(sources) == 1 and self.files else "The training text"
@@ -206,7 +212,7 @@ class TokenDataset(Blocks):
             tokenizer = load_tokenizer(tokenizer_file=entry / "tokenizer.json")
         if (fp := tokenizer_fingerprint(tokenizer)) != meta["tokenizer"]:
             fix = "pass the tokenizer it was built with (its tokenizer.json is in the folder) or re-encode"
-            raise ValueError(
+            raise DataError(
                 f"Token cache {entry} was encoded with another tokenizer (fingerprint "
                 f"{meta['tokenizer'][:12]}, given {fp[:12]}): {fix} the text with this tokenizer."
             )
@@ -251,7 +257,7 @@ class MergedDataset(Blocks):
         function of (seed, step)); that dataset serves its own sample j = step*batch_size + row."""
         rows = _rows_per_process(batch_size, process_index, process_count)
         if step < 0 or seed < 0:
-            raise ValueError(f"step ({step}) and seed ({seed}) must be >= 0.")
+            raise DataError(f"step ({step}) and seed ({seed}) must be >= 0.")
         rng = np.random.default_rng([seed, step, len(self.datasets)])
         which = rng.choice(len(self.datasets), size=batch_size, p=self.weights)
         first = process_index * rows
@@ -287,19 +293,19 @@ def merge_datasets(
     every dataset stays reachable. All datasets need the same block_size and tokenizer."""
     datasets = list(datasets)
     if not datasets:
-        raise ValueError("merge_datasets needs at least one dataset.")
+        raise DataError("merge_datasets needs at least one dataset.")
     if weights is not None and equalize:
-        raise ValueError("Pass weights= or equalize=True, not both.")
+        raise DataError("Pass weights= or equalize=True, not both.")
     if {d.block_size for d in datasets} != {datasets[0].block_size}:
-        raise ValueError(f"Datasets have block sizes {[d.block_size for d in datasets]}: use one block_size.")
+        raise DataError(f"Datasets have block sizes {[d.block_size for d in datasets]}: use one block_size.")
     prints = {tokenizer_fingerprint(d.tokenizer) for d in datasets if getattr(d, "tokenizer", None)}
     if len(prints) > 1:
-        raise ValueError(
+        raise DataError(
             "Datasets were encoded with different tokenizers: encode them all with one tokenizer."
         )
     if equalize:
         weights = [1.0] * len(datasets)
     w = np.asarray([d.num_blocks for d in datasets] if weights is None else weights, dtype=np.float64)
     if w.shape != (len(datasets),) or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights={list(w)} must be {len(datasets)} non-negative numbers, not all zero.")
+        raise DataError(f"weights={list(w)} must be {len(datasets)} non-negative numbers, not all zero.")
     return MergedDataset(datasets, w / w.sum())

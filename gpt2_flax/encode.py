@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from gpt2_flax.errors import DataError
 from gpt2_flax.sources import (
     Source,
     check_file,
+    check_records,
     iter_pieces,
     load_rows,
     normalize_newlines,
@@ -96,7 +98,7 @@ def encode_rows(values: list[Any], s: EncodeSettings, name: str, column: str) ->
         if value is None:
             continue
         if not isinstance(value, str):
-            raise ValueError(
+            raise DataError(
                 f"{name}: column {column!r} holds {type(value).__name__} values, not text: pass text_column= "
                 "naming a text column."
             )
@@ -115,6 +117,7 @@ class EncodeOptions:
     num_proc: int = 1  # datasets.map worker processes; 1 = in-process (the tokenizer still uses all cores)
     progress: bool = False  # datasets' progress bars
     chunk_chars: int = 1 << 20  # text per work item / per map batch
+    skip_bad_records: bool = False  # bad CSV/JSONL records: skipped with a warning, not an error
 
 
 @contextlib.contextmanager
@@ -203,6 +206,11 @@ def encode_stream(
     columns = [
         None if src.kind == "text" else row_column(src, opts.text_column, opts.header) for src in sources
     ]
+    # Every record checked before anything is encoded (wrong text is worse than no text).
+    sources = [
+        src if col is None else check_records(src, col, opts.header, opts.skip_bad_records, workdir / "clean")
+        for src, col in zip(sources, columns, strict=True)
+    ]
     counts = {"num_tokens": 0, "num_documents": 0, "replaced": 0}
     features = datasets.Features(
         {
@@ -240,7 +248,7 @@ def encode_stream(
                 )
                 num_tokens, docs = _append_output(result, tokens, lengths)
                 if docs == 0:
-                    raise ValueError(
+                    raise DataError(
                         f"{name} holds no text (only blank lines or rows): add text or remove it."
                     )
                 counts["num_tokens"] += num_tokens

@@ -15,17 +15,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from gpt2_flax.checkpoint import Checkpointer, TrainingError, open_run_dir, state_bytes, trim_metrics
+from gpt2_flax.checkpoint import Checkpointer, TrainingError, state_bytes, trim_metrics
 from gpt2_flax.config import Config, TrainConfig
 from gpt2_flax.metrics import MetricsLogger, append_samples, flops_per_token, run_peak_flops, trim_samples
 from gpt2_flax.model import GPT2LMHeadModel, count_params
 from gpt2_flax.preemption import StopRequest
+from gpt2_flax.run_dir import RunDir, data_identity
 from gpt2_flax.train import Setup, TrainState, build, to_global
 
 
-def maybe_resume(setup: Setup, ckpt: Checkpointer, num_steps: int) -> int:
-    """Restores the latest complete checkpoint onto this run's shardings; returns its step."""
+def maybe_resume(setup: Setup, ckpt: Checkpointer, num_steps: int, say: Callable[[str], None] = print) -> int:
+    """Restores the newest readable checkpoint onto this run's shardings; returns its step. One
+    that cannot be read (damaged on disk) is moved aside, named in a warning, and never deleted."""
     latest = ckpt.latest_step()
     if latest is None:
         return 0
@@ -36,10 +39,21 @@ def maybe_resume(setup: Setup, ckpt: Checkpointer, num_steps: int) -> int:
             "or overwrite=True to start over there"
         )
     target = setup.abstract_state
-    out = ckpt.restore(latest, target.params, target.opt_state)
-    step = jax.device_put(jnp.int32(out["meta"]["step"]), setup.state_shardings.step)
-    setup.state = TrainState(step, out["params"], out["opt_state"])
-    return latest
+    for step in reversed(ckpt.all_steps()):
+        try:
+            out = ckpt.restore(step, target.params, target.opt_state)
+        except Exception as e:  # Orbax/TensorStore raise many types for a damaged step
+            kept = ckpt.set_aside(step)
+            say(
+                f"gpt2-flax: warning: checkpoint step {step} cannot be read ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}); kept as {kept}, resuming from an older one"
+            )
+            continue
+        state_step = jax.device_put(jnp.int32(out["meta"]["step"]), setup.state_shardings.step)
+        setup.state = TrainState(state_step, out["params"], out["opt_state"])
+        return step
+    say("gpt2-flax: warning: no checkpoint could be read; starting from step 0")
+    return 0
 
 
 @dataclass
@@ -49,6 +63,7 @@ class FitResult:
     final_step: int
     history: list[dict[str, Any]]
     stopped_early: bool  # by a signal or stop_at_step: resume with the same output_dir
+    run_id: str = ""  # run.json's: the lineage of the export
 
 
 def fit(
@@ -60,13 +75,32 @@ def fit(
     overwrite: bool = False,
     sample_fn: Callable[[Any, int], list[str]] | None = None,
     progress: bool = True,
+    tokenizer_files: dict[str, str] | None = None,
 ) -> FitResult:
-    """Trains `model` on `dataset` for cfg.train.num_steps, resuming from output_dir if it can."""
+    """Trains `model` on `dataset` for cfg.train.num_steps, resuming from output_dir if it can.
+    Every check on output_dir (and on the export that will go there) runs before anything is
+    written to it; tokenizer_files (a tokenizer trained for this run) are written once they pass."""
+    from gpt2_flax.convert import check_export_target
+    from gpt2_flax.tokenizer import tokenizer_fingerprint
+
     tc = cfg.train
     setup = build(model, cfg)
-    out = open_run_dir(
-        cfg, tokenizer, overwrite=overwrite, checkpoint_bytes=state_bytes(setup.abstract_state)
+    run_dir = RunDir(tc.output_dir, overwrite=overwrite)
+    data = data_identity(dataset)
+    ckpt_bytes = state_bytes(setup.abstract_state)
+    # The export: safetensors + pytorch_model.bin, the parameters in float32 each.
+    export_bytes = 2 * state_bytes(setup.abstract_state.params)
+    run_dir.check(
+        cfg, tokenizer_fingerprint(tokenizer), data, checkpoint_bytes=ckpt_bytes, export_bytes=export_bytes
     )
+    if not overwrite:
+        check_export_target(tc.output_dir, run_dir.run_id, model.config)
+    writer = jax.process_index() == 0
+    if writer:
+        for note in run_dir.notes:
+            print(note)
+        run_dir.open(cfg, tokenizer, data, tokenizer_files or {})
+    out = epath.Path(str(run_dir.path))
     ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
     try:
         start = maybe_resume(setup, ckpt, tc.num_steps)
@@ -102,7 +136,8 @@ def fit(
         logger.close()
     finally:
         ckpt.close()
-    return FitResult(setup.state.params, setup.graphdef, final, history, stopped)
+        run_dir.close()
+    return FitResult(setup.state.params, setup.graphdef, final, history, stopped, run_dir.run_id)
 
 
 @dataclass

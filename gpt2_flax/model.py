@@ -288,7 +288,9 @@ class GPT2LMHeadModel(nnx.Module):
         """
         b, t = input_ids.shape
         if t > self.config.n_positions:
-            raise ValueError(f"sequence length {t} exceeds the context n_positions={self.config.n_positions}")
+            raise ConfigError(
+                f"sequence length {t} exceeds the context n_positions={self.config.n_positions}"
+            )
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         mask = None  # plain causal rows: the attention builds (or fuses) the causal mask itself
@@ -381,14 +383,14 @@ def _check_supported(config: GPT2Config) -> None:
     }
     for name, want in unsupported.items():
         if getattr(config, name, want) != want:
-            raise ValueError(f"GPT2Config.{name}={getattr(config, name)} is not supported; use {want}")
+            raise ConfigError(f"GPT2Config.{name}={getattr(config, name)} is not supported; use {want}")
     if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(
+        raise ConfigError(
             f"GPT2Config.activation_function={config.activation_function!r} is not supported; "
             "use 'gelu_new' (GPT-2's tanh GELU)"
         )
     if config.n_embd % config.n_head:
-        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
 
 
 def count_params(model: GPT2LMHeadModel) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from gpt2_flax.blocks import Blocks
+from gpt2_flax.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class DocumentBlocks(Blocks):
         index_path: Path | None = None,
     ) -> None:
         if block_size < 2:
-            raise ValueError(f"line_by_line needs block_size >= 2, got {block_size}.")
+            raise DataError(f"line_by_line needs block_size >= 2, got {block_size}.")
         self.tokens = tokens
         lengths = np.diff(doc_offsets) if doc_ids is None else np.diff(doc_offsets)[doc_ids]
         if (num_long := int((lengths > block_size).sum())) > 0:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt2_flax.errors import DataError
 from gpt2_flax.tokenizer import resolve_files
 
 # GPT-2's pre-tokenizer regex can merge runs of whitespace across a line break ("\s+(?!\S)"), but a
@@ -71,7 +72,7 @@ def iter_pieces(read: Callable[[int], str], source: str, chunk_chars: int, piece
         pos = max(pos, len(buf) - 1) - start
         buf = buf[start:]
     if not has_text:
-        raise ValueError(f"{source} is empty or contains only whitespace: remove it or add text to it.")
+        raise DataError(f"{source} is empty or contains only whitespace: remove it or add text to it.")
     yield buf
 
 
@@ -107,9 +108,9 @@ class Source:
 def _dataset_source(obj: Any) -> Source:
     name = type(obj).__name__
     if name in ("DatasetDict", "IterableDatasetDict"):
-        raise ValueError(f"Got a {name} with splits {list(obj)}: pass one split, e.g. dataset['train'].")
+        raise DataError(f"Got a {name} with splits {list(obj)}: pass one split, e.g. dataset['train'].")
     if name != "Dataset":
-        raise ValueError(
+        raise DataError(
             f"Got a datasets {name}: streaming datasets cannot be cached; load it without streaming=True."
         )
     return Source("dataset", f"dataset {obj.info.dataset_name or obj._fingerprint!s}", data=obj)
@@ -147,12 +148,12 @@ def check_file(src: Source) -> None:
     """Fail fast, before any encoding, on an empty or binary input file."""
     assert src.path is not None
     if src.path.stat().st_size == 0:
-        raise ValueError(f"{src.name} is empty or contains only whitespace: remove it or add text to it.")
+        raise DataError(f"{src.name} is empty or contains only whitespace: remove it or add text to it.")
     if src.kind != "parquet":
         with open(src.path, "rb") as f:
             nul = f.read(BINARY_PROBE).find(b"\0")
         if nul >= 0:
-            raise ValueError(
+            raise DataError(
                 f"{src.name} looks like a binary file (NUL byte at offset {nul}), not UTF-8 text: remove it, "
                 "re-save it as UTF-8 if it is UTF-16 text, or name CSV/JSONL/Parquet files by extension."
             )
@@ -167,7 +168,7 @@ def _decode(decoder: codecs.IncrementalDecoder, block: bytes, offset: int, src: 
     try:
         return decoder.decode(block, final=not block)
     except UnicodeDecodeError as e:
-        raise ValueError(
+        raise DataError(
             f"{src.name} is not valid UTF-8 (byte offset {offset - pending + e.start}: {e.reason}): re-save "
             "it as UTF-8, or pass encoding_errors='replace' to replace invalid bytes with U+FFFD."
         ) from e
@@ -215,7 +216,7 @@ def scan_text_file(src: Source, every: int, lines: bool, encoding_errors: str) -
             if not block:
                 break
     if not has_text:
-        raise ValueError(f"{src.name} is empty or contains only whitespace: remove it or add text to it.")
+        raise DataError(f"{src.name} is empty or contains only whitespace: remove it or add text to it.")
     return cuts, base + len(buf), _replaced.count
 
 
@@ -231,7 +232,7 @@ def read_range(path: str, start: int, end: int, encoding_errors: str) -> str:
 def _pick_column(names: list[str], text_column: str | int | None, where: str, fix: str) -> str:
     if isinstance(text_column, int):
         if not 0 <= text_column < len(names):
-            raise ValueError(
+            raise DataError(
                 f"{where} has {len(names)} column(s), so text_column={text_column} is out of range."
             )
         return names[text_column]
@@ -239,7 +240,7 @@ def _pick_column(names: list[str], text_column: str | int | None, where: str, fi
         return names[0]
     column = "text" if text_column is None else text_column
     if column not in names:
-        raise ValueError(f"{where} has no column {column!r} (its columns: {names}): {fix}")
+        raise DataError(f"{where} has no column {column!r} (its columns: {names}): {fix}")
     return column
 
 
@@ -255,7 +256,7 @@ def row_column(src: Source, text_column: str | int | None, header: bool) -> str:
                 first, text_column, f"CSV file {src.path}", fix + " Use header=False if it has no header row."
             )
         if isinstance(text_column, str):
-            raise ValueError(
+            raise DataError(
                 f"CSV file {src.path}: with header=False columns have no names; pass text_column=<index>."
             )
         return str(
@@ -279,6 +280,99 @@ def row_column(src: Source, text_column: str | int | None, header: bool) -> str:
         return _pick_column(pq.read_schema(src.path).names, text_column, f"Parquet file {src.path}", fix)
     names = ["text"] if src.kind == "texts" else list(src.data.column_names)
     return _pick_column(names, text_column, src.name, fix)
+
+
+def _bad_records(src: Source, column: str, header: bool) -> Iterator[tuple[int, str]]:
+    """(line number, what is wrong) for each record of a CSV / JSONL file that would train on wrong
+    or no text: a CSV row with another number of fields than the header (an unquoted comma shifts
+    every column after it), a JSONL line that is not a JSON object or lacks the text field, and an
+    empty text. JSON array files (.json starting with "[") are left to datasets."""
+    assert src.path is not None
+    if src.kind == "csv":
+        with open(src.path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.reader(f)
+            first = next(reader, [])
+            width = len(first)
+            index = first.index(column) if header and column in first else int(column) if not header else 0
+            if not header:
+                yield from _csv_row_problems(first, width, index, 1)
+            for row in reader:
+                yield from _csv_row_problems(row, width, index, reader.line_num)
+        return
+    with open(src.path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if n == 1 and line.lstrip().startswith("["):
+                return
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                yield n, f"not a JSON object ({e.msg})"
+                continue
+            if not isinstance(record, dict) or column not in record:
+                keys = list(record) if isinstance(record, dict) else type(record).__name__
+                yield n, f"no {column!r} field (it has {keys})"
+            elif not isinstance(record[column], str):
+                yield n, f"the {column!r} field holds {type(record[column]).__name__} values, not text"
+            elif not record[column].strip():
+                yield n, f"the {column!r} field is empty"
+
+
+def _csv_row_problems(row: list[str], width: int, index: int, line: int) -> Iterator[tuple[int, str]]:
+    if not row:
+        return  # a blank line is no record
+    if len(row) != width:
+        yield line, f"{len(row)} fields where the header has {width} (a comma inside unquoted text?)"
+    elif not row[index].strip():
+        yield line, "the text field is empty"
+
+
+def check_records(src: Source, column: str, header: bool, skip: bool, work: Path) -> Source:
+    """The source to read: `src` itself if every record is sound; with skip=False a DataError naming
+    the first bad record; with skip=True a cleaned copy in `work` without the bad records (streamed:
+    memory stays flat) and a warning with their count."""
+    if src.kind not in ("csv", "json") or src.path is None:
+        return src
+    bad = _bad_records(src, column, header)
+    first = next(bad, None)
+    if first is None:
+        return src
+    if not skip:
+        raise DataError(
+            f"{src.name}, line {first[0]}: {first[1]}. Nothing was trained on it. Fix the file ("
+            + (
+                "quote CSV fields that hold commas"
+                if src.kind == "csv"
+                else "one JSON object per line, with the text field"
+            )
+            + "), or skip such records with data.skip_bad_records=true (Python: skip_bad_records=True)."
+        )
+    lines = {first[0], *(n for n, _ in bad)}
+    work.mkdir(parents=True, exist_ok=True)
+    clean = work / f"clean-{hashlib.sha256(str(src.path).encode()).hexdigest()[:12]}{src.path.suffix}"
+    _copy_without(src, lines, clean)
+    first_bad = f"line {first[0]}: {first[1]}"
+    print(f"gpt2-flax: warning: {src.name}: skipped {len(lines)} bad record(s) (first: {first_bad})")
+    return Source(src.kind, src.name, clean)
+
+
+def _copy_without(src: Source, lines: set[int], dest: Path) -> None:
+    assert src.path is not None
+    if src.kind == "csv":
+        with (
+            open(src.path, newline="", encoding="utf-8", errors="replace") as f,
+            open(dest, "w", newline="", encoding="utf-8") as out,
+        ):
+            reader, writer = csv.reader(f), csv.writer(out)
+            for row in reader:
+                if row and reader.line_num not in lines:
+                    writer.writerow(row)
+        return
+    with open(src.path, encoding="utf-8", errors="replace") as f, open(dest, "w", encoding="utf-8") as out:
+        for n, line in enumerate(f, 1):
+            if n not in lines and line.strip():
+                out.write(line if line.endswith("\n") else line + "\n")
 
 
 def load_rows(
@@ -306,8 +400,8 @@ def load_rows(
         ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=str(cache), **kw)
     except ValueError as e:
         if "corresponds to no data" in str(e):  # datasets' message for zero rows
-            raise ValueError(f"{group[0].name} holds no text (no rows): add rows or remove it.") from e
+            raise DataError(f"{group[0].name} holds no text (no rows): add rows or remove it.") from e
         raise
     if column not in ds.column_names:
-        raise ValueError(f"{group[0].name} has no column {column!r} (its columns: {ds.column_names}).")
+        raise DataError(f"{group[0].name} has no column {column!r} (its columns: {ds.column_names}).")
     return ds.select_columns([column])

@@ -30,6 +30,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gpt2_flax.encode import EncodeOptions, EncodeSettings, encode_stream
+from gpt2_flax.errors import DataError
 from gpt2_flax.sources import resolve_sources
 from gpt2_flax.tokenizer import PathLike, eos_token_id, load_tokenizer, tokenizer_fingerprint
 
@@ -128,7 +129,7 @@ def build_token_cache(
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(
+        raise DataError(
             f"Cannot create cache dir {cache} ({e}): pass cache_dir= or set GPT2_FLAX_CACHE."
         ) from e
     if tok.truncation is not None or tok.padding is not None:  # would cut or pad every piece: turn off
@@ -174,16 +175,19 @@ def encode_sources(
     encoding_errors: str = "strict",
     num_proc: int = 1,
     progress: bool = False,
+    skip_bad_records: bool = False,
 ) -> tuple[list, Path, dict]:
     """Resolve the inputs and encode them into the cache (or reuse it): (sources, folder, metadata)."""
     if encoding_errors not in ("strict", "replace"):
-        raise ValueError(f"encoding_errors must be 'strict' or 'replace', got {encoding_errors!r}.")
+        raise DataError(f"encoding_errors must be 'strict' or 'replace', got {encoding_errors!r}.")
     sources = resolve_sources(file_or_files, texts)
     if not sources:
-        raise ValueError("No training text given: pass file_or_files (path, folder, glob or list) or texts.")
+        raise DataError("No training text given: pass file_or_files (path, folder, glob or list) or texts.")
     options = {"line_by_line": line_by_line, "encoding_errors": encoding_errors}
     options.update(text_column=text_column, header=header)
-    opts = EncodeOptions(text_column, header, num_proc, progress)
+    if skip_bad_records:  # another token stream than the strict one (which would be an error)
+        options["skip_bad_records"] = True
+    opts = EncodeOptions(text_column, header, num_proc, progress, skip_bad_records=skip_bad_records)
     return (sources, *build_token_cache(tokenizer, sources, cache_dir, options, opts))
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from gpt2_flax.errors import DataError
 
 if TYPE_CHECKING:  # importing transformers costs ~1-2 s, so only the functions that need it do
     from transformers import PreTrainedTokenizerFast
@@ -36,7 +38,7 @@ def resolve_files(file_or_files: FilesArg) -> list[Path]:
     """
     items = [file_or_files] if isinstance(file_or_files, (str, Path)) else list(file_or_files)
     if not items:
-        raise ValueError("No input files given: pass a file path, a folder, a glob or a list of paths.")
+        raise DataError("No input files given: pass a file path, a folder, a glob or a list of paths.")
     files: list[Path] = []
     for item in items:
         path = Path(item).expanduser()
@@ -60,7 +62,7 @@ def resolve_files(file_or_files: FilesArg) -> list[Path]:
 def _check_not_empty(files: Sequence[Path]) -> None:
     for path in files:
         if path.stat().st_size == 0:
-            raise ValueError(f"Input file {path} is empty (0 bytes): remove it or add text to it.")
+            raise DataError(f"Input file {path} is empty (0 bytes): remove it or add text to it.")
 
 
 def train_tokenizer(
@@ -71,32 +73,47 @@ def train_tokenizer(
     prefix: str = "gpt2_flax",
     special_tokens: Sequence[str] = (EOS,),
     show_progress: bool = False,
+    encoding_errors: str = "strict",
 ) -> tuple[str, str]:
     """Train a byte-level BPE tokenizer on text files and save it; return (vocab_path, merges_path).
 
     Writes `<prefix>-vocab.json` and `<prefix>-merges.txt` (GPT-2's file pair, loadable by
     `transformers.GPT2TokenizerFast`) and `<prefix>.tokenizer.json` (the full `tokenizers` JSON).
     The Rust trainer streams the files itself, so corpus size is not limited by Python memory.
+    Every file is checked first, as the dataset checks it: binary files and invalid UTF-8 are errors
+    naming the file (and byte offset); encoding_errors="replace" trains on U+FFFD instead.
     """
+    from gpt2_flax.sources import Source, check_file, read_range, scan_text_file
+
     paths = resolve_files(files)
     _check_not_empty(paths)
+    replaced = 0
+    for path in paths:
+        src = Source("text", f"Input file {path}", path)
+        check_file(src)
+        replaced += scan_text_file(src, 1 << 62, True, encoding_errors)[2]
     # 256 byte symbols + the special tokens are always in the vocab; need room for >= 1 merge.
     min_vocab = 257 + len(special_tokens)
     if vocab_size < min_vocab:
-        raise ValueError(
+        raise DataError(
             f"vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens + "
             f"{len(special_tokens)} special token(s) + at least one merge, so use vocab_size >= {min_vocab}."
         )
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
     # ByteLevelBPETokenizer.train passes initial_alphabet=ByteLevel.alphabet() (all 256 bytes), so any
     # byte encodes even if absent from the corpus; special tokens are added first, so EOS gets id 0.
-    bpe.train(
-        files=[str(p) for p in paths],
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        show_progress=show_progress,
-        special_tokens=list(special_tokens),
-    )
+    kw = dict(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(special_tokens))
+    if replaced:  # the Rust trainer reads files as strict UTF-8: feed it the replaced text instead
+
+        def texts() -> Iterator[str]:
+            for path in paths:
+                size = path.stat().st_size
+                for start in range(0, size, 1 << 22):  # 4 MB reads; a cut may split one word in two
+                    yield read_range(str(path), start, min(size, start + (1 << 22)), encoding_errors)
+
+        bpe.train_from_iterator(texts(), show_progress=show_progress, **kw)
+    else:
+        bpe.train(files=[str(p) for p in paths], show_progress=show_progress, **kw)
     out = Path(save_path).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     vocab_path, merges_path = bpe.save_model(str(out), prefix)
@@ -132,9 +149,16 @@ def load_tokenizer(
         path = Path(tokenizer_file).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"Tokenizer file {path} does not exist: check the path.")
-        return _without_bos_template(Tokenizer.from_file(str(path)))
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises bare Exceptions for unreadable JSON
+            raise DataError(
+                f"Tokenizer file {path} cannot be read ({e}): is it a tokenizers JSON file (e.g. "
+                "<prefix>.tokenizer.json or an export's tokenizer.json)? It may be truncated."
+            ) from None
+        return _without_bos_template(tok)
     if vocab_file is None or merges_file is None:
-        raise ValueError(
+        raise DataError(
             "No tokenizer given: pass tokenizer_file='<prefix>.tokenizer.json', or both "
             "vocab_file='<prefix>-vocab.json' and merges_file='<prefix>-merges.txt' (see train_tokenizer)."
         )
@@ -142,7 +166,12 @@ def load_tokenizer(
     for name, path in (("vocab_file", vocab_path), ("merges_file", merges_path)):
         if not path.is_file():
             raise FileNotFoundError(f"{name} {path} does not exist: check the path.")
-    vocab, merges = models.BPE.read_file(str(vocab_path), str(merges_path))
+    try:
+        vocab, merges = models.BPE.read_file(str(vocab_path), str(merges_path))
+    except Exception as e:  # bare Exception from the Rust reader
+        raise DataError(
+            f"{vocab_path} / {merges_path} cannot be read as a GPT-2 vocab.json + merges.txt pair ({e})"
+        ) from None
     # Same BPE options as the trainer's output, so both load routes give the same JSON and fingerprint.
     tok = Tokenizer(models.BPE(vocab, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -156,7 +185,7 @@ def eos_token_id(tok: Tokenizer) -> int:
     """Id of `<|endoftext|>`; raise if the tokenizer was trained without it."""
     token_id = tok.token_to_id(EOS)
     if token_id is None:
-        raise ValueError(f"Tokenizer has no {EOS!r} token: retrain it with special_tokens=({EOS!r},).")
+        raise DataError(f"Tokenizer has no {EOS!r} token: retrain it with special_tokens=({EOS!r},).")
     return token_id
 
 

@@ -255,7 +255,9 @@ def test_training_dir_of_another_model_is_refused(
     vocab_file, merges_file = tokenizer_files
     other = GPT2(vocab_file=vocab_file, merges_file=merges_file, config=small_config(vocab_size, n_embd=64))
     run_json = (run_dir / "run.json").read_text()
-    with pytest.raises(TrainingError, match=r"checkpoints of another model.*overwrite=True"):
+    with pytest.raises(
+        TrainingError, match=r"(?s)holds a run with other settings.*n_embd 32 -> 64.*overwrite=True"
+    ):
         other.train(dataset, batch_size=16, num_steps=70, output_dir=run_dir, progress=False)
     assert (run_dir / "run.json").read_text() == run_json  # the other run is left as it was
 

@@ -99,7 +99,10 @@ def test_csv_jsonl_parquet_lists_and_datasets(tok: Tokenizer, tmp_path: Path) ->
     (tmp_path / "a.csv").write_text(
         'id,text\n1,"the cat, sat"\n2,"multi\r\nline"\n3,\n4,NA\n', encoding="utf-8"
     )
-    docs = ["the cat, sat", "multi\nline", "NA"]  # empty row skipped; "NA" stays text
+    docs = ["the cat, sat", "multi\nline", "NA"]  # the empty row skipped (asked for); "NA" stays text
+    with pytest.raises(ValueError, match=r"a.csv, line 5: the text field is empty"):
+        TokenDataset(tmp_path / "a.csv", **kw)
+    kw["skip_bad_records"] = True
     assert TokenDataset(tmp_path / "a.csv", line_by_line=True, **kw).tokens.tolist() == docs_layout(tok, docs)
     assert TokenDataset(tmp_path / "a.csv", **kw).tokens.tolist() == concat_layout(tok, docs)
     (tmp_path / "b.csv").write_text("7,héllo 日本語\n8,x=1; 42\n", encoding="utf-8")  # no header
@@ -241,7 +244,7 @@ def test_bad_inputs(tok: Tokenizer, tmp_path: Path) -> None:
     ):
         TokenDataset(tmp_path / "f.jsonl", **kw)
     (tmp_path / "n.jsonl").write_text('{"text": 5}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="column 'text' holds int values, not text"):
+    with pytest.raises(ValueError, match="'text' field holds int values, not text"):
         TokenDataset(tmp_path / "n.jsonl", **kw)
     two = datasets.Dataset.from_dict({"a": ["x"], "b": ["y"]})
     with pytest.raises(ValueError, match=r"has no column 'text' \(its columns: \['a', 'b'\]\)"):

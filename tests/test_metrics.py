@@ -40,7 +40,7 @@ def test_cpu_peak_is_measured_or_configured() -> None:
 
 @pytest.mark.parametrize("bad", [-1.0, math.nan])
 def test_peak_flops_is_range_checked(bad: float) -> None:
-    with pytest.raises(ConfigError, match="train.peak_flops must be >= 0"):
+    with pytest.raises(ConfigError, match="train.peak_flops must be a finite number >= 0"):
         TrainConfig(peak_flops=bad)
 
 

@@ -1,0 +1,316 @@
+"""The one owner of a training output folder: it checks, locks and writes; nothing else does.
+
+Layout (the checkpoints themselves are checkpoint.py's)::
+
+    run.json              the true record of the run: run id, the full resolved config, the model,
+                          the tokenizer's fingerprint and the data (token cache key, files, sizes)
+    run_tokenizer.json    the run's tokenizer (a resume and `gpt2-flax export` read it back)
+    tokenizer/            the vocab.json / merges.txt a run trained itself
+    metrics.jsonl         one JSON line per logged step
+    samples.txt           samples written during training
+    checkpoints/          Orbax steps
+    .gpt2_flax.lock       pid and host of the run writing here now
+
+Every check runs before the first byte is written (`RunDir.check`), so a refused run leaves the
+folder exactly as it was. `RunDir.open` then takes the lock and writes run.json; `close` frees it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpt2_flax.config import Config
+from gpt2_flax.errors import CheckpointError
+
+RUN_FILE, TOKENIZER_FILE, LOCK_FILE = "run.json", "run_tokenizer.json", ".gpt2_flax.lock"
+# What a run writes: the only names `--overwrite` removes (never anything else in the folder).
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.txt", RUN_FILE, TOKENIZER_FILE, "tokenizer")
+# What a resume must share with the run in the folder, and how to say it in a message.
+_IDENTITY = {
+    "model": "the model (model.*)",
+    "tokenizer_fingerprint": "the tokenizer",
+    "data": "the training data",
+    "batch_size": "train.batch_size",
+    "seed": "train.seed",
+}
+
+
+def data_identity(dataset: Any) -> dict[str, Any]:
+    """What the run trains on, as run.json records it: the token cache key (a hash of every input
+    file's path, size and mtime, the tokenizer and the encoding options) and the files."""
+    parts = getattr(dataset, "datasets", None) or [dataset]
+    return {
+        "token_cache_keys": [Path(str(getattr(p, "cache_entry", ""))).name for p in parts],
+        "files": [str(f) for p in parts for f in getattr(p, "files", [])],
+        "num_tokens": int(sum(getattr(p, "num_tokens", 0) for p in parts)),
+        "block_size": int(dataset.block_size),
+    }
+
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    """Complete checkpoint steps on disk (Orbax names each step's folder by its number)."""
+    ckpts = folder / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+@dataclass
+class RunDir:
+    """An output folder for one run. `remote` (gs://...) folders skip the local-only checks (lock,
+    free space); Orbax and the object store keep their writes atomic."""
+
+    path: Path
+    overwrite: bool = False
+    run_id: str = ""
+    notes: list[str] = field(default_factory=list)  # what the checks found worth saying (resume, ...)
+    _locked: bool = False
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path) if "://" not in str(self.path) else self.path
+        self.remote = "://" in str(self.path)
+
+    # ------------------------------------------------------------------ reading
+    def previous(self) -> dict[str, Any] | None:
+        """run.json of the run already in this folder, if it has checkpoints to resume from."""
+        if self.remote:
+            from etils import epath
+
+            run = epath.Path(str(self.path)) / RUN_FILE
+            return json.loads(run.read_text()) if run.exists() else None
+        run = self.path / RUN_FILE
+        if not run.is_file() or not checkpoint_steps(self.path):
+            return None
+        try:
+            return json.loads(run.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(
+                f"{run} cannot be read ({e}); it records the run whose checkpoints are in "
+                f"{self.path / 'checkpoints'}. Restore it, or pass overwrite=True (CLI: --overwrite) "
+                "to start a new run there"
+            ) from e
+
+    # ------------------------------------------------------------------ checks (no writes)
+    def check(
+        self,
+        cfg: Config,
+        tokenizer_fingerprint: str,
+        data: dict[str, Any],
+        *,
+        checkpoint_bytes: int = 0,
+        export_bytes: int = 0,
+    ) -> None:
+        """Every reason this run cannot use the folder, raised before anything is written."""
+        if not self.remote:
+            self._check_writable()
+            self._check_lock()
+            self._check_room(cfg, checkpoint_bytes, export_bytes)
+        old = None if self.overwrite else self.previous()
+        self.run_id = (old or {}).get("run_id") or uuid.uuid4().hex
+        if old is not None:
+            self._check_resume(old, cfg, tokenizer_fingerprint, data)
+
+    def _check_writable(self) -> None:
+        probe = self.path
+        while not probe.exists():  # the nearest existing folder must let us create the rest
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise CheckpointError(
+                f"cannot write to output_dir {self.path} ({probe} is not a writable folder); "
+                "choose a writable folder"
+            )
+
+    def _check_lock(self) -> None:
+        holder = read_lock(self.path)
+        if holder is None:
+            return
+        if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
+            self.notes.append(
+                f"gpt2-flax: {self.path / LOCK_FILE} was left by process {holder.get('pid')}, which has "
+                "ended (killed?); taking the folder over"
+            )
+            return
+        raise CheckpointError(
+            f"{self.path} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+            f"since {holder.get('started')}); two runs in one folder would overwrite each other's "
+            f"checkpoints. Wait for it, use another output_dir, or, if that run is surely gone, delete "
+            f"{self.path / LOCK_FILE}"
+        )
+
+    def _check_room(self, cfg: Config, checkpoint_bytes: int, export_bytes: int) -> None:
+        if not checkpoint_bytes:
+            return
+        probe = self.path
+        while not probe.exists():
+            probe = probe.parent
+        # During a save the new checkpoint is complete before the oldest kept one is deleted.
+        n = cfg.train.keep_checkpoints + 1
+        need = n * checkpoint_bytes + export_bytes - sum(_size(p) for p in self._reusable())
+        free = shutil.disk_usage(probe).free
+        if free < need:
+            raise CheckpointError(
+                f"output_dir {self.path} has {free / 2**30:.2f} GiB free but the run needs "
+                f"{need / 2**30:.2f} GiB ({n} checkpoints of {checkpoint_bytes / 2**30:.2f} GiB and the "
+                f"export); free space, lower train.keep_checkpoints, or choose another folder"
+            )
+
+    def _reusable(self) -> list[Path]:
+        # Checkpoints an overwrite deletes count as room; a resume keeps its own within `keep`.
+        return [self.path / "checkpoints"] if self.overwrite else []
+
+    def _check_resume(self, old: dict[str, Any], cfg: Config, fingerprint: str, data: dict[str, Any]) -> None:
+        new = identity(cfg, fingerprint, data)
+        if cfg.train.resume_with_new_data:
+            new["data"] = old.get("data")
+        diff = [key for key in _IDENTITY if key in old and old.get(key) != new[key]]
+        if diff:
+            lines = [f"  {_IDENTITY[k]}: {_describe(k, old.get(k), new[k])}" for k in diff]
+            raise CheckpointError(
+                f"{self.path} holds a run with other settings, which this call would continue:\n"
+                + "\n".join(lines)
+                + "\nUse another output_dir for a new run, pass overwrite=True (CLI: --overwrite) to "
+                "replace that run"
+                + (
+                    ", or train.resume_with_new_data=true to continue it on the new data"
+                    if diff == ["data"]
+                    else ""
+                )
+            )
+        latest = (checkpoint_steps(self.path) or [0])[-1]
+        if latest >= cfg.train.num_steps:
+            raise CheckpointError(
+                f"{self.path} already holds a run trained to step {latest} (num_steps="
+                f"{cfg.train.num_steps}); pass num_steps > {latest} to train it further, another "
+                "output_dir for a new run, or overwrite=True to start over there"
+            )
+        old_steps = (old.get("config") or {}).get("train", {}).get("num_steps")
+        if old_steps is not None and old_steps != cfg.train.num_steps:
+            self.notes.append(_schedule_note(old_steps, cfg, latest))
+
+    # ------------------------------------------------------------------ writes
+    def open(
+        self, cfg: Config, tokenizer: Any, data: dict[str, Any], tokenizer_files: dict[str, str]
+    ) -> None:
+        """Takes the lock, clears what an overwrite replaces (only our own outputs) and writes
+        run.json, run_tokenizer.json and a trained tokenizer. Process 0 only."""
+        from etils import epath
+
+        from gpt2_flax.tokenizer import tokenizer_fingerprint
+
+        out = epath.Path(str(self.path))
+        out.mkdir(parents=True, exist_ok=True)
+        if not self.remote:
+            self._lock()
+        if self.overwrite:
+            for name in RUN_OUTPUTS:
+                p = out / name
+                if p.is_dir():
+                    p.rmtree()
+                elif p.exists():
+                    p.unlink()
+        if tokenizer_files:
+            (out / "tokenizer").mkdir(exist_ok=True)
+            for name, text in tokenizer_files.items():
+                (out / "tokenizer" / name).write_text(text)
+        record = {
+            "run_id": self.run_id,
+            **identity(cfg, tokenizer_fingerprint(tokenizer), data),
+            "config": cfg.to_dict(),
+        }
+        (out / RUN_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+        (out / TOKENIZER_FILE).write_text(tokenizer.to_str())
+
+    def _lock(self) -> None:
+        lock = self.path / LOCK_FILE
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        lock.unlink(missing_ok=True)  # a stale one (check() said so); a live one never gets here
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError as e:  # another run took it between check and now
+            raise CheckpointError(f"{self.path} was just taken by another run ({lock})") from e
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        self._locked = True
+
+    def close(self) -> None:
+        if self._locked:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            self._locked = False
+
+
+def identity(cfg: Config, tokenizer_fingerprint: str, data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": cfg.to_dict()["model"],
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "data": data,
+        "batch_size": cfg.train.batch_size,
+        "seed": cfg.train.seed,
+    }
+
+
+def read_lock(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(folder) / LOCK_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        return {"pid": -1, "host": "?", "started": "?"}
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _describe(key: str, old: Any, new: Any) -> str:
+    if key == "model":
+        diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+        return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+    if key == "tokenizer_fingerprint":
+        return f"fingerprint {str(old)[:12]}... -> {str(new)[:12]}..."
+    if key == "data":
+        old, new = old or {}, new or {}
+        if old.get("files") != new.get("files"):
+            return f"files {old.get('files')} -> {new.get('files')}"
+        return f"the same files changed since (tokens {old.get('num_tokens')} -> {new.get('num_tokens')})"
+    return f"{old!r} -> {new!r}"
+
+
+def _schedule_note(old_steps: int, cfg: Config, step: int) -> str:
+    from gpt2_flax.train import lr_schedule
+
+    old_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_steps=old_steps))
+    before, after = float(lr_schedule(old_cfg.train)(step)), float(lr_schedule(cfg.train)(step))
+    how = "stretches" if cfg.train.num_steps > old_steps else "shortens"
+    jump = "" if math.isclose(before, after, rel_tol=1e-6) else f" (from {before:.3g} to {after:.3g})"
+    return (
+        f"gpt2-flax: num_steps {old_steps} -> {cfg.train.num_steps}: the cosine learning-rate schedule "
+        f"{how} to the new end, so at step {step} the learning rate changes{jump}"
+    )

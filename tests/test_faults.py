@@ -1,0 +1,377 @@
+"""Bad input and faults as a user meets them (issue 11): each case asserts the error (type or exit
+code 2), a message naming the problem, and that the folders involved are byte-for-byte unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpt2_flax import GPT2, ConfigError, TokenDataset, build_gpt2_config
+from gpt2_flax.errors import CheckpointError, DataError, ExportError
+from gpt2_flax.run_dir import LOCK_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = dict(batch_size=16, log_every=2, save_every=4, progress=False)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (and the folder's file list): what must not change."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "gpt2_flax.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def _gpt2(tokenizer_files, vocab_size: int, **kw) -> GPT2:
+    vocab, merges = tokenizer_files
+    config = build_gpt2_config(vocab_size=vocab_size, max_length=32, n_embd=32, n_layer=2, n_head=4, **kw)
+    return GPT2(vocab_file=vocab, merges_file=merges, config=config, seed=1)
+
+
+@pytest.fixture(scope="module")
+def run_folder(tokenizer_files, vocab_size, dataset, tmp_path_factory) -> Path:
+    """A finished 8-step run (checkpoints at 4 and 8) with its export, to copy and abuse."""
+    out = tmp_path_factory.mktemp("run")
+    _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=8, output_dir=out, **TRAIN)
+    return out
+
+
+@pytest.fixture
+def run_copy(run_folder, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run_folder, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def test_export_over_another_model_is_refused_and_changes_nothing(run_folder, trained_run, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(trained_run.out_dir, other)  # same architecture, other weights
+    before = snapshot(other)
+    out = cli("export", "--checkpoint", str(run_folder), "--output", str(other))
+    assert out.returncode == 2, out.stderr
+    assert "already holds another model" in out.stderr and "--overwrite" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert snapshot(other) == before
+    # Exporting the same run twice is fine: the folder is its own.
+    mine = tmp_path / "mine"
+    assert cli("export", "--checkpoint", str(run_folder), "--output", str(mine)).returncode == 0
+    assert cli("export", "--checkpoint", str(run_folder), "--output", str(mine)).returncode == 0
+
+
+def test_export_with_changed_weights_counts_as_another_model(trained_run, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(trained_run.out_dir, folder)
+    ai = GPT2(model_folder=folder)
+    ai.save(folder)  # its own folder: allowed
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # someone edited the weights since
+    before = snapshot(folder)
+    with pytest.raises(ExportError, match=r"model.safetensors changed since"):
+        ai.save(folder)
+    assert snapshot(folder) == before
+
+
+def test_overwrite_replaces_only_model_files(trained_run, tokenizer_files, vocab_size, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(trained_run.out_dir, folder)
+    (folder / "notes.txt").write_text("mine")
+    ai = _gpt2(tokenizer_files, vocab_size)
+    with pytest.raises(ExportError):
+        ai.save(folder)
+    ai.save(folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "mine"  # unrelated files stay
+    assert (folder / "checkpoints").is_dir()  # the training run's own files are not an export's
+
+
+def test_exported_files_have_ordinary_permissions(run_folder):
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        mode = stat.S_IMODE((run_folder / name).stat().st_mode)
+        assert mode == 0o644, (name, oct(mode))
+
+
+def test_training_into_another_models_export_changes_nothing(
+    trained_run, tokenizer_files, vocab_size, dataset, tmp_path
+):
+    folder = tmp_path / "exported"
+    shutil.copytree(trained_run.out_dir, folder)
+    shutil.rmtree(folder / "checkpoints")  # an export folder: model files, no run to resume
+    (folder / "run.json").unlink()
+    before = snapshot(folder)
+    with pytest.raises(ExportError, match="another model"):
+        _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=4, output_dir=folder, **TRAIN)
+    assert snapshot(folder) == before
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+
+def test_refused_cli_run_changes_no_byte_of_the_existing_run(run_copy, corpus_file):
+    before = snapshot(run_copy)
+    out = cli(
+        "train", "--config", str(ROOT / "configs/tiny.yaml"), "--data", str(corpus_file),
+        "--output-dir", str(run_copy), "--model.n_embd=64", "--no-progress", "--samples=0",
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "holds a run with other settings" in out.stderr and "n_embd" in out.stderr
+    assert snapshot(run_copy) == before  # the tokenizer was not retrained into it, run.json not rewritten
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [({"batch_size": 8}, "train.batch_size"), ({"seed": 7}, "train.seed")],
+)
+def test_resume_with_other_settings_says_what_differs(
+    run_copy, tokenizer_files, vocab_size, dataset, change, named
+):
+    before = snapshot(run_copy)
+    kw = {**TRAIN, **change}
+    with pytest.raises(CheckpointError, match=named) as e:
+        _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=12, output_dir=run_copy, **kw)
+    assert "overwrite=True" in str(e.value)
+    assert snapshot(run_copy) == before
+
+
+def test_resume_with_other_data_is_an_error_unless_asked(
+    run_copy, tokenizer_files, vocab_size, tmp_path, capsys
+):
+    vocab, merges = tokenizer_files
+    text = tmp_path / "other.txt"
+    text.write_text("JULIET: the moon doth shine upon my heart.\n" * 400)
+    other = TokenDataset(text, vocab_file=vocab, merges_file=merges, block_size=32, cache_dir=tmp_path / "c")
+    before = snapshot(run_copy)
+    with pytest.raises(CheckpointError, match=r"the training data.*other.txt") as e:
+        _gpt2(tokenizer_files, vocab_size).train(other, num_steps=12, output_dir=run_copy, **TRAIN)
+    assert "resume_with_new_data" in str(e.value)
+    assert snapshot(run_copy) == before
+    _gpt2(tokenizer_files, vocab_size).train(
+        other, num_steps=12, output_dir=run_copy, resume_with_new_data=True, **TRAIN
+    )
+    out = "".join(capsys.readouterr())
+    assert "num_steps 8 -> 12" in out and "learning-rate schedule stretches" in out
+    assert "resuming from checkpoint step 8" in out
+
+
+def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(
+    run_copy, tokenizer_files, vocab_size, dataset, capsys
+):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = {"pid": holder.pid, "host": socket.gethostname(), "started": "now"}
+        (run_copy / LOCK_FILE).write_text(json.dumps(lock))
+        before = snapshot(run_copy)
+        with pytest.raises(CheckpointError, match=rf"in use by another run \(pid {holder.pid}"):
+            _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=12, output_dir=run_copy, **TRAIN)
+        assert snapshot(run_copy) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone (as after a kill -9): its lock is reported and taken over.
+    _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=12, output_dir=run_copy, **TRAIN)
+    assert "which has ended" in "".join(capsys.readouterr())
+    assert not (run_copy / LOCK_FILE).exists()  # released at the end
+
+
+def test_damaged_latest_checkpoint_falls_back_and_is_kept(
+    run_copy, tokenizer_files, vocab_size, dataset, capsys
+):
+    for f in (run_copy / "checkpoints" / "8" / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(b"garbage")
+    _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=12, output_dir=run_copy, **TRAIN)
+    out = "".join(capsys.readouterr())
+    assert "checkpoint step 8 cannot be read" in out and "resuming from checkpoint step 4" in out
+    kept = [p.name for p in (run_copy / "checkpoints").iterdir() if p.name.startswith("8.unreadable")]
+    assert kept, "the damaged checkpoint was deleted"
+
+
+def test_unwritable_or_full_folder_fails_before_writing(
+    tokenizer_files, vocab_size, dataset, tmp_path, monkeypatch
+):
+    import gpt2_flax.run_dir as rd
+
+    class Full:
+        free = 1000
+
+    monkeypatch.setattr(rd.shutil, "disk_usage", lambda _: Full())
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"GiB free but the run needs.*3 checkpoints"):
+        _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=4, output_dir=out, **TRAIN)
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("a.csv", "id,text\n1,hello world\n2,hello, there friend\n3,bye\n", r"a.csv, line 3: 3 fields"),
+        ("b.jsonl", '{"text": "a b"}\n{"body": "b"}\n{"text": "c"}\n', r"b.jsonl, line 2: no 'text' field"),
+        ("c.jsonl", '{"text": "a b"}\nnot json\n', r"c.jsonl, line 2: not a JSON object"),
+        ("d.csv", 'text\nhello\n""\nbye\n', r"d.csv, line 3: the text field is empty"),
+    ],
+)
+def test_bad_records_are_errors_naming_file_and_line(tokenizer_files, tmp_path, name, text, message):
+    vocab, merges = tokenizer_files
+    path = tmp_path / "data" / name
+    path.parent.mkdir()
+    path.write_text(text)
+    before = snapshot(path.parent)
+    with pytest.raises(DataError, match=message):
+        TokenDataset(path, vocab_file=vocab, merges_file=merges, block_size=8, cache_dir=tmp_path / "c")
+    assert snapshot(path.parent) == before
+    ds = TokenDataset(
+        path, vocab_file=vocab, merges_file=merges, block_size=8, cache_dir=tmp_path / "c",
+        line_by_line=True, skip_bad_records=True,
+    )  # fmt: skip
+    assert ds.num_documents == text.count("\n") - 1 - ("csv" in name)  # one bad record skipped
+
+
+def test_cli_bad_csv_exits_2_naming_the_line(tmp_path):
+    data = tmp_path / "tweets.csv"
+    data.write_text("text\n" + "a fine tweet about the moon\n" * 50 + "an, unquoted, comma\n")
+    out = cli("train", "--config", str(ROOT / "configs/tiny.yaml"), "--data", str(data), "--output-dir",
+              str(tmp_path / "run"), "--data.line_by_line=true", "--no-progress")  # fmt: skip
+    assert out.returncode == 2 and "tweets.csv, line 52: 3 fields" in out.stderr, out.stderr[-1500:]
+    assert "skip_bad_records" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n\0\0\0binary", "looks like a binary file"),
+        (b"caf\xe9 au lait\n" * 10, "not valid UTF-8"),
+    ],
+)
+def test_tokenizer_training_checks_files_first(tmp_path, content, message):
+    bad = tmp_path / "data" / "bad.txt"
+    bad.parent.mkdir()
+    bad.write_bytes(content)
+    out = cli("train-tokenizer", str(bad), "--vocab-size", "300", "--save-path", str(tmp_path / "tok"))
+    assert out.returncode == 2 and message in out.stderr and "bad.txt" in out.stderr, out.stderr
+    assert not (tmp_path / "tok").exists()
+    if message == "not valid UTF-8":  # encoding_errors applies here too
+        out = cli("train-tokenizer", str(bad), "--vocab-size", "300", "--save-path", str(tmp_path / "tok"),
+                  "--encoding-errors", "replace")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"learning_rate": float("nan")}, "train.learning_rate must be a finite number > 0"),
+        ({"adam_b2": 1.0}, r"train.adam_b2 must be in \[0, 1\)"),
+        ({"warmup_steps": -1}, "train.warmup_steps must be >= 0"),
+        ({"save_every": -5}, "train.save_every must be >= 0"),
+        ({"batch_size": 3.5}, "train.batch_size: expected int, got 3.5"),
+    ],
+)
+def test_config_numbers_are_range_checked(trained_run, dataset, tmp_path, kw, message):
+    args = {**TRAIN, **kw}
+    with pytest.raises(ConfigError, match=message):
+        trained_run.ai.train(dataset, num_steps=4, output_dir=tmp_path / "o", **args)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_config_error_is_fast_and_has_no_traceback(tmp_path):
+    start = time.perf_counter()
+    out = cli("train", "--config", str(ROOT / "configs/tiny.yaml"), "--train.learning_rate=nan",
+              "--output-dir", str(tmp_path / "run"))  # fmt: skip
+    assert out.returncode == 2 and "train.learning_rate must be a finite number" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+    assert time.perf_counter() - start < 15  # no JAX import before the config is checked
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: {n_layer: 2\n")
+    out = cli("train", "--config", str(bad_yaml))
+    assert out.returncode == 2 and "bad.yaml" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_model_folder_with_another_tokenizer_is_refused(trained_run, tmp_path):
+    from gpt2_flax import train_tokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text("completely different words here, zebra quartz jumps.\n" * 300)
+    vocab_size = trained_run.ai.config.vocab_size
+    v, m = train_tokenizer(text, vocab_size=vocab_size, save_path=tmp_path / "tok", min_frequency=1)
+    with pytest.raises(ConfigError, match="not the one of model_folder"):
+        GPT2(model_folder=trained_run.out_dir, vocab_file=v, merges_file=m)
+
+
+def test_damaged_weights_name_the_file_and_fall_back(trained_run, tmp_path):
+    pytest.importorskip("torch")
+    folder = tmp_path / "model"
+    shutil.copytree(trained_run.out_dir, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    GPT2(model_folder=folder)  # pytorch_model.bin is good: used instead
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle at all")
+    with pytest.raises(
+        DataError, match=r"model.safetensors cannot be read.*pytorch_model.bin cannot be read"
+    ):
+        GPT2(model_folder=folder)
+
+
+def test_bin_with_objects_is_refused_with_our_message(trained_run, tmp_path):
+    torch = pytest.importorskip("torch")
+    bad = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.zeros(2), "evil": Path("/")}, bad)
+    with pytest.raises(DataError, match="objects other than tensors") as e:
+        GPT2(
+            model=bad,
+            config=trained_run.out_dir / "config.json",
+            tokenizer_file=trained_run.out_dir / "tokenizer.json",
+        )
+    assert "weights_only=False" not in str(e.value)
+
+
+def test_truncated_tokenizer_and_config_name_the_file(trained_run, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(trained_run.out_dir, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    config = folder / "config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(DataError, match=r"config.json is not a readable config.json"):
+        GPT2(model_folder=folder)
+    shutil.copy(trained_run.out_dir / "config.json", config)
+    tok = folder / "tokenizer.json"
+    tok.write_text(tok.read_text()[:100])
+    out = cli("generate", "--model-folder", str(folder), "--max-length", "4")
+    assert out.returncode == 2 and "tokenizer.json cannot be read" in out.stderr, out.stderr[-1500:]
+    assert "Traceback" not in out.stderr
+
+
+def test_finished_run_asked_for_fewer_steps_changes_nothing(run_copy, tokenizer_files, vocab_size, dataset):
+    before = snapshot(run_copy)
+    with pytest.raises(CheckpointError, match=r"already holds a run trained to step 8.*num_steps > 8"):
+        _gpt2(tokenizer_files, vocab_size).train(
+            dataset,
+            num_steps=8,
+            output_dir=run_copy,
+            log_every=4,
+            **{k: v for k, v in TRAIN.items() if k != "log_every"},
+        )
+    assert snapshot(run_copy) == before  # run.json is not rewritten with the new call's settings
