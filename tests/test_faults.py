@@ -130,6 +130,7 @@ def test_training_into_another_models_export_changes_nothing(
 # ----------------------------------------------------------------------------- the run folder
 
 
+@pytest.mark.slow  # a CLI train: JAX import and tokenizer training in a subprocess
 def test_refused_cli_run_changes_no_byte_of_the_existing_run(run_copy, corpus_file):
     before = snapshot(run_copy)
     out = cli(
@@ -252,6 +253,7 @@ def test_bad_records_are_errors_naming_file_and_line(tokenizer_files, tmp_path, 
     assert ds.num_documents == text.count("\n") - 1 - ("csv" in name)  # one bad record skipped
 
 
+@pytest.mark.slow  # a CLI train that trains a tokenizer before the data check
 def test_cli_bad_csv_exits_2_naming_the_line(tmp_path):
     data = tmp_path / "tweets.csv"
     data.write_text("text\n" + "a fine tweet about the moon\n" * 50 + "an, unquoted, comma\n")
