@@ -23,7 +23,7 @@ import sys
 
 # mallopt parameters (glibc malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_NO_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
+_INT_MAX = 2**31 - 1  # mallopt takes an int: trimming still happens above 2 GB free (GPT-2 124M)
 
 _state: dict[str, bool] = {}
 
@@ -53,7 +53,7 @@ def tune_allocator() -> bool:
             # M_MMAP_MAX says, so XLA's worker threads must share the main (brk) heap.
             applied = all(
                 libc.mallopt(param, value) == 1
-                for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NO_TRIM))
+                for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
             )
         except (OSError, AttributeError):  # not glibc (musl, ...): leave the allocator alone
             applied = False
