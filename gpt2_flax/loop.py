@@ -23,21 +23,15 @@ from gpt2_flax.metrics import MetricsLogger, append_samples, flops_per_token, ru
 from gpt2_flax.model import GPT2LMHeadModel, count_params
 from gpt2_flax.preemption import StopRequest
 from gpt2_flax.run_dir import RunDir, data_identity
+from gpt2_flax.sharding import agree
 from gpt2_flax.train import Setup, TrainState, build, to_global
 
 
-def maybe_resume(setup: Setup, ckpt: Checkpointer, num_steps: int, say: Callable[[str], None] = print) -> int:
+def maybe_resume(setup: Setup, ckpt: Checkpointer, say: Callable[[str], None] = print) -> int:
     """Restores the newest readable checkpoint onto this run's shardings; returns its step. One
     that cannot be read (damaged on disk) is moved aside, named in a warning, and never deleted."""
-    latest = ckpt.latest_step()
-    if latest is None:
+    if ckpt.latest_step() is None:  # (RunDir.check refused a finished run already)
         return 0
-    if latest >= num_steps:
-        raise TrainingError(
-            f"{ckpt.directory} already holds a run trained to step {latest} (num_steps={num_steps}); "
-            f"pass num_steps > {latest} to train it further, another output_dir for a new run, "
-            "or overwrite=True to start over there"
-        )
     target = setup.abstract_state
     for step in reversed(ckpt.all_steps()):
         try:
@@ -90,20 +84,36 @@ def fit(
     ckpt_bytes = state_bytes(setup.abstract_state)
     # The export: safetensors + pytorch_model.bin, the parameters in float32 each.
     export_bytes = 2 * state_bytes(setup.abstract_state.params)
-    run_dir.check(
-        cfg, tokenizer_fingerprint(tokenizer), data, checkpoint_bytes=ckpt_bytes, export_bytes=export_bytes
-    )
-    if not overwrite:
-        check_export_target(tc.output_dir, run_dir.run_id, model.config)
     writer = jax.process_index() == 0
+    refused = None
+    try:
+        run_dir.check(
+            cfg,
+            tokenizer_fingerprint(tokenizer),
+            data,
+            checkpoint_bytes=ckpt_bytes,
+            export_bytes=export_bytes,
+            primary=writer,
+        )
+        if not overwrite:
+            check_export_target(tc.output_dir, run_dir.run_id, model.config)
+    except Exception as e:  # all processes go on together or stop together
+        refused = e
+    run_dir.run_id = agree(refused, run_dir.run_id)
+    failed = None
     if writer:
         for note in run_dir.notes:
             print(note)
-        run_dir.open(cfg, tokenizer, data, tokenizer_files or {})
+        try:
+            run_dir.open(cfg, tokenizer, data, tokenizer_files or {})
+        except Exception as e:
+            failed = e
+    # Also a barrier: no process looks for checkpoints before an overwrite has removed the old ones.
+    agree(failed, "")
     out = epath.Path(str(run_dir.path))
     ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
     try:
-        start = maybe_resume(setup, ckpt, tc.num_steps)
+        start = maybe_resume(setup, ckpt)
         trim_metrics(out, start)
         trim_samples(out, start)
         tokens_per_step = tc.batch_size * dataset.block_size

@@ -57,9 +57,12 @@ def data_identity(dataset: Any) -> dict[str, Any]:
     }
 
 
-def checkpoint_steps(folder: Path) -> list[int]:
-    """Complete checkpoint steps on disk (Orbax names each step's folder by its number)."""
-    ckpts = folder / "checkpoints"
+def checkpoint_steps(folder: Path | str) -> list[int]:
+    """Complete checkpoint steps on disk or in a bucket (Orbax names each step's folder by its
+    number; one being written has a temporary name)."""
+    from etils import epath
+
+    ckpts = epath.Path(str(folder)) / "checkpoints"
     if not ckpts.is_dir():
         return []
     return sorted(int(p.name) for p in ckpts.iterdir() if p.is_dir() and p.name.isdigit())
@@ -109,16 +112,22 @@ class RunDir:
         *,
         checkpoint_bytes: int = 0,
         export_bytes: int = 0,
+        primary: bool = True,
     ) -> None:
-        """Every reason this run cannot use the folder, raised before anything is written."""
+        """Every reason this run cannot use the folder, raised before anything is written. In a
+        multi-process run every process checks (each may have its own disk), but only the
+        primary, which takes the lock, checks the lock: the others would find the primary's."""
         if not self.remote:
             self._check_writable()
-            self._check_lock()
+            if primary:
+                self._check_lock()
             self._check_room(cfg, checkpoint_bytes, export_bytes)
         old = None if self.overwrite else self.previous()
         self.run_id = (old or {}).get("run_id") or uuid.uuid4().hex
         if old is not None:
             self._check_resume(old, cfg, tokenizer_fingerprint, data)
+        if not self.overwrite:  # also for checkpoints without a run.json (an older version's)
+            self._check_unfinished(cfg)
 
     def _check_writable(self) -> None:
         probe = self.path
@@ -187,15 +196,18 @@ class RunDir:
                 )
             )
         latest = (checkpoint_steps(self.path) or [0])[-1]
+        old_steps = (old.get("config") or {}).get("train", {}).get("num_steps")
+        if old_steps is not None and old_steps != cfg.train.num_steps and latest < cfg.train.num_steps:
+            self.notes.append(_schedule_note(old_steps, cfg, latest))
+
+    def _check_unfinished(self, cfg: Config) -> None:
+        latest = (checkpoint_steps(self.path) or [0])[-1]
         if latest >= cfg.train.num_steps:
             raise CheckpointError(
                 f"{self.path} already holds a run trained to step {latest} (num_steps="
                 f"{cfg.train.num_steps}); pass num_steps > {latest} to train it further, another "
                 "output_dir for a new run, or overwrite=True to start over there"
             )
-        old_steps = (old.get("config") or {}).get("train", {}).get("num_steps")
-        if old_steps is not None and old_steps != cfg.train.num_steps:
-            self.notes.append(_schedule_note(old_steps, cfg, latest))
 
     # ------------------------------------------------------------------ writes
     def open(

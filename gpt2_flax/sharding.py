@@ -19,6 +19,7 @@ from flax.nnx import traversals
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2_flax.config import ConfigError, MeshConfig
+from gpt2_flax.errors import TrainingError
 from gpt2_flax.host import tune_allocator
 
 # Importing jax starts nothing; this runs before JAX's CPU client and its threads (host.py: why).
@@ -169,3 +170,22 @@ def maybe_initialize(
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     elif auto:
         jax.distributed.initialize()
+
+
+def agree(error: BaseException | None, token: str) -> str:
+    """Makes every process of a multi-process run take the same way: each raises if any one of
+    them failed (a process left alone would wait in the first collective until the distributed
+    service times out, minutes later), and all get process 0's `token` (the run id). Also a
+    barrier. Single-process: raises `error` or returns `token`."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+        padded = np.frombuffer(token.encode()[:64].ljust(64), np.uint8)
+        token = bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))).decode().rstrip()
+        if error is None and failed.any():
+            bad = [int(i) for i in np.flatnonzero(failed)]
+            raise TrainingError(f"process(es) {bad} of this run could not start; their log says why")
+    if error is not None:
+        raise error
+    return token

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from gpt2_flax import GPT2, ConfigError, TokenDataset, build_gpt2_config
+from gpt2_flax.config import Config
 from gpt2_flax.errors import CheckpointError, DataError, ExportError
-from gpt2_flax.run_dir import LOCK_FILE
+from gpt2_flax.run_dir import LOCK_FILE, RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = dict(batch_size=16, log_every=2, save_every=4, progress=False)
@@ -195,6 +196,63 @@ def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(
     _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=12, output_dir=run_copy, **TRAIN)
     assert "which has ended" in "".join(capsys.readouterr())
     assert not (run_copy / LOCK_FILE).exists()  # released at the end
+
+
+def test_in_a_multi_process_run_only_the_primary_checks_the_lock(tmp_path):
+    # Every process of a pod run checks the shared folder, but the lock is process 0's own: the
+    # others must not read it as another run's (CI saw exactly that race).
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / LOCK_FILE).write_text(
+            json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "now"})
+        )
+        RunDir(tmp_path).check(Config(), "fp", {}, primary=False)
+        with pytest.raises(CheckpointError, match="in use by another run"):
+            RunDir(tmp_path).check(Config(), "fp", {}, primary=True)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+_AGREE = """
+import sys, jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+from gpt2_flax.sharding import agree
+assert agree(None, "run-" + sys.argv[2]) == "run-0"  # everyone gets process 0's run id
+try:
+    agree(ValueError("folder is full") if sys.argv[2] == "1" else None, "x")
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+def test_a_process_that_is_refused_stops_every_process(tmp_path):
+    # One refused process must not leave the others waiting in a collective until a timeout.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _AGREE, str(port), str(i)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert "TrainingError process(es) [1] of this run could not start" in outs[0], outs
+    assert "ValueError folder is full" in outs[1], outs
+
+
+def test_checkpoints_without_run_json_still_refuse_a_finished_run(
+    run_copy, tokenizer_files, vocab_size, dataset
+):
+    (run_copy / "run.json").unlink()  # as written by an older version
+    before = snapshot(run_copy)
+    with pytest.raises(CheckpointError, match="already holds a run trained to step 8"):
+        _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=8, output_dir=run_copy, **TRAIN)
+    assert snapshot(run_copy) == before
 
 
 def test_damaged_latest_checkpoint_falls_back_and_is_kept(
