@@ -24,13 +24,11 @@ def _setup(config: str, overrides: list[str]):
     from flax import nnx
 
     from gpt2_flax.config import load_config
-    from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of
+    from gpt2_flax.model import GPT2LMHeadModel
     from gpt2_flax.train import build
 
     cfg = load_config(config, ["mesh.data=1", *overrides])
-    m = cfg.model
-    gcfg = gpt2_config_of(m)
-    model = GPT2LMHeadModel(gcfg, rngs=nnx.Rngs(0))
+    model = GPT2LMHeadModel(cfg.model, rngs=nnx.Rngs(0))
     return cfg, build(model, cfg)
 
 

@@ -24,15 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_ours(cfg):
     """A `run(batch) -> sync()` closure: one train step of ours; calling the result waits for it."""
     import jax
-
-    from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of
-    from gpt2_flax.train import build, to_global
-
-    m = cfg.model
-    gcfg = gpt2_config_of(m)
     from flax import nnx
 
-    model = GPT2LMHeadModel(gcfg, rngs=nnx.Rngs(0), dtype=m.dtype, remat=m.remat)
+    from gpt2_flax.model import GPT2LMHeadModel
+    from gpt2_flax.train import build, to_global
+
+    model = GPT2LMHeadModel(cfg.model, rngs=nnx.Rngs(0))
     setup = build(model, cfg)
     state = setup.state
 
@@ -152,10 +149,10 @@ def main() -> None:
     # MFU: model FLOPs (6N + attention, as the training log counts them) against the machine's
     # peak (chip table; a measured matmul rate on CPUs), the same number for every contender.
     from gpt2_flax.metrics import flops_per_token, run_peak_flops
-    from gpt2_flax.model import GPT2LMHeadModel, count_params, gpt2_config_of
+    from gpt2_flax.model import GPT2LMHeadModel, count_params
 
     m = cfg.model
-    model = GPT2LMHeadModel(gpt2_config_of(m), dtype=m.dtype)
+    model = GPT2LMHeadModel(m)
     per_token = flops_per_token(count_params(model), m.n_layer, m.n_embd, t)
     peak, how = run_peak_flops(cfg.train.peak_flops)
     print(f"MFU against {peak / 1e12:.2f} TFLOP/s ({how}); {per_token / 1e6:.1f} MFLOP per token")

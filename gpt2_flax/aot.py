@@ -22,7 +22,7 @@ from flax import nnx
 from gpt2_flax.config import Config
 from gpt2_flax.errors import ConfigError
 from gpt2_flax.metrics import chip_peak_flops, flops_per_token
-from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of
+from gpt2_flax.model import GPT2LMHeadModel
 from gpt2_flax.sharding import batch_sharding, make_mesh
 from gpt2_flax.train import plan
 
@@ -103,12 +103,7 @@ def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
     cores_per_chip = len(devices) // len({tuple(d.coords) for d in devices})
     mesh = make_mesh(cfg.mesh, devices)
     m = cfg.model
-    gcfg = gpt2_config_of(m)
-    abstract = nnx.eval_shape(
-        lambda: GPT2LMHeadModel(
-            gcfg, dtype=m.dtype, remat=m.remat, vocab_multiple=m.vocab_multiple, platform="tpu"
-        )
-    )
+    abstract = nnx.eval_shape(lambda: GPT2LMHeadModel(m, platform="tpu"))
     graphdef, state = nnx.split(abstract)
     setup = plan(graphdef, state, cfg, mesh)
     b, t = cfg.train.batch_size, cfg.block_size

@@ -18,10 +18,10 @@ import jax
 from flax import nnx
 from transformers import GPT2Config
 
-from gpt2_flax.config import Config, ConfigError, DataConfig, MeshConfig, TrainConfig
+from gpt2_flax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
 from gpt2_flax.convert import export_pretrained, load_hf_state_dict, read_manifest, read_weights
 from gpt2_flax.errors import DataError
-from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of, model_config_of
+from gpt2_flax.model import GPT2LMHeadModel
 from gpt2_flax.sampling import GenerateArgs, GenerationMixin
 from gpt2_flax.sharding import init_sharded
 from gpt2_flax.tokenizer import EOS, eos_token_id, load_tokenizer, tokenizer_fingerprint
@@ -52,7 +52,8 @@ class GPT2(GenerationMixin):
 
     model: weights to start from (`pytorch_model.bin`, `model.safetensors` or a folder);
     model_folder: a folder written by `save` (weights, config.json and tokenizer files);
-    config: a `GPT2Config` or a config.json path; the tokenizer comes from vocab_file + merges_file,
+    config: a `GPT2Config`, a config.json path, or a gpt2_flax `ModelConfig` (which holds dtype,
+    remat and vocab_multiple itself); the tokenizer comes from vocab_file + merges_file,
     tokenizer_file, a `tokenizers.Tokenizer` (tokenizer=), or model_folder. dtype is the compute
     dtype (auto: bfloat16 on TPU/GPU, float32 on CPU; parameters stay float32); remat: none | block | dots.
     """
@@ -61,7 +62,7 @@ class GPT2(GenerationMixin):
         self,
         model: PathLike | None = None,
         model_folder: PathLike | None = None,
-        config: GPT2Config | PathLike | None = None,
+        config: GPT2Config | ModelConfig | PathLike | None = None,
         vocab_file: PathLike | None = None,
         merges_file: PathLike | None = None,
         tokenizer_file: PathLike | None = None,
@@ -83,27 +84,32 @@ class GPT2(GenerationMixin):
         manifest = read_manifest(model_folder) if model_folder is not None else None
         self.lineage = (manifest or {}).get("lineage") or uuid.uuid4().hex
         self.tokenizer_files: dict[str, str] = {}  # a freshly trained tokenizer's files, for the run folder
-        self.config = _load_config(config, model_folder)
+        if isinstance(config, ModelConfig):  # ours already (the CLI): dtype, remat ... are in it
+            self.model_config = config
+        else:  # the one conversion from transformers' config (the boundary); the model sees only ours
+            self.model_config = ModelConfig.from_hf_config(
+                _load_config(config, model_folder), dtype=dtype, remat=remat, vocab_multiple=vocab_multiple
+            )
         vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
-        if self.config.vocab_size != vocab:
+        if self.model_config.vocab_size != vocab:
             raise ConfigError(
-                f"the config's vocab_size ({self.config.vocab_size}) does not match the tokenizer's "
-                f"{vocab} tokens; build the config with vocab_size={vocab}"
+                f"the config's vocab_size ({self.model_config.vocab_size}) does not match the "
+                f"tokenizer's {vocab} tokens; build the config with vocab_size={vocab}"
             )
-        self.dtype, self.remat, self.vocab_multiple = dtype, remat, vocab_multiple
         self.stopped_early = False  # set by train: stopped by a signal or stop_at_step
-        config = self.config
-        self.model = init_sharded(
-            lambda: GPT2LMHeadModel(
-                config, rngs=nnx.Rngs(seed), dtype=dtype, remat=remat, vocab_multiple=vocab_multiple
-            )
-        )
+        model_cfg = self.model_config
+        self.model = init_sharded(lambda: GPT2LMHeadModel(model_cfg, rngs=nnx.Rngs(seed)))
         weights = model if model is not None else model_folder
         if weights is not None:
             load_hf_state_dict(self.model, read_weights(weights), source=str(weights))
 
+    @property
+    def config(self) -> GPT2Config:
+        """The model as a `transformers.GPT2Config` (what config.json holds)."""
+        return self.model_config.to_hf_config(self.eos_token_id)
+
     def __repr__(self) -> str:
-        c = self.config
+        c = self.model_config
         return (
             f"GPT2(n_layer={c.n_layer}, n_embd={c.n_embd}, n_head={c.n_head}, "
             f"vocab_size={c.vocab_size}, n_positions={c.n_positions})"
@@ -114,27 +120,15 @@ class GPT2(GenerationMixin):
         return eos_token_id(self.tokenizer)
 
     def run_config(self, data: Any, mesh: dict[str, int] | None = None, **train_kwargs: Any) -> Config:
-        """The resolved Config of a `train` call (checks every combination before any work)."""
+        """The Config a `train(data, **train_kwargs)` call runs with: this model's, the data's own
+        settings, and the training keywords (unknown ones are errors)."""
         try:
             tc = TrainConfig(**train_kwargs)
         except TypeError as e:
             names = [f.name for f in dataclasses.fields(TrainConfig)]
             raise ConfigError(f"{e}; GPT2.train accepts {names} and mesh") from e
-        if data.vocab_size != self.config.vocab_size:
-            raise ConfigError(
-                f"the dataset was encoded with a {data.vocab_size}-token tokenizer but the model has "
-                f"vocab_size={self.config.vocab_size}; use the same tokenizer for both"
-            )
-        if tokenizer_fingerprint(data.tokenizer) != tokenizer_fingerprint(self.tokenizer):
-            raise ConfigError("the dataset was encoded with a different tokenizer than this model's")
-        model_cfg = model_config_of(
-            self.config, dtype=self.dtype, remat=self.remat, vocab_multiple=self.vocab_multiple
-        )
         return Config(
-            model=model_cfg,
-            data=DataConfig(block_size=data.block_size),
-            train=tc,
-            mesh=MeshConfig(**(mesh or {})),
+            model=self.model_config, data=data_config_of(data), train=tc, mesh=MeshConfig(**(mesh or {}))
         )
 
     def train(
@@ -155,11 +149,27 @@ class GPT2(GenerationMixin):
         max_grad_norm, seed, save_every, generate_every, log_every, ...). Resumes automatically
         from checkpoints in `output_dir`. Returns the logged metrics.
         """
-        from gpt2_flax.loop import fit
-
         cfg = self.run_config(
             data, mesh, batch_size=batch_size, num_steps=num_steps, output_dir=str(output_dir), **train_kwargs
         )
+        return self.fit(data, cfg, overwrite=overwrite, progress=progress)
+
+    def fit(
+        self, data: Any, cfg: Config, *, overwrite: bool = False, progress: bool = True
+    ) -> list[dict[str, Any]]:
+        """The one path to training (`train` and the CLI): `cfg` as it will be recorded in run.json;
+        its model section must be this model's. Exports to cfg.train.output_dir at the end."""
+        from gpt2_flax.loop import fit
+
+        if cfg.model != self.model_config:
+            raise ConfigError(f"the run's model config {cfg.model} is not this model's {self.model_config}")
+        if data.vocab_size != self.model_config.vocab_size:
+            raise ConfigError(
+                f"the dataset was encoded with a {data.vocab_size}-token tokenizer but the model has "
+                f"vocab_size={self.model_config.vocab_size}; use the same tokenizer for both"
+            )
+        if tokenizer_fingerprint(data.tokenizer) != tokenizer_fingerprint(self.tokenizer):
+            raise ConfigError("the dataset was encoded with a different tokenizer than this model's")
         sample = lambda params, step: self._training_samples(params, cfg.train, step)
         result = fit(
             self.model,
@@ -174,7 +184,7 @@ class GPT2(GenerationMixin):
         self.model = nnx.merge(result.graphdef, result.params)
         self.lineage = result.run_id  # the export at the end (and later saves) belong to this run
         if not result.stopped_early:  # a stopped run resumes later; the export is of final weights
-            self.save(output_dir, overwrite=overwrite)
+            self.save(cfg.train.output_dir, overwrite=overwrite)
         self.stopped_early = result.stopped_early
         return result.history
 
@@ -190,10 +200,26 @@ class GPT2(GenerationMixin):
         args = GenerateArgs(
             n=tc.n_generate,
             prompt=tc.sample_prompt,
-            max_new_tokens=min(256, self.config.n_positions),
+            max_new_tokens=min(256, self.model_config.n_positions),
             seed=step,
         )
         return [t for batch in self._generate_batches(args, params) for t in batch]
+
+
+def data_config_of(data: Any) -> DataConfig:
+    """The DataConfig a dataset was built with (run.json records it): its files, rows and encoding
+    settings. A merged dataset reports all its files and its first part's settings."""
+    parts = getattr(data, "datasets", None) or [data]
+    options = getattr(parts[0], "meta", {}).get("options", {})
+    return DataConfig(
+        files=tuple(str(f) for p in parts for f in getattr(p, "files", [])),
+        block_size=int(data.block_size),
+        line_by_line=bool(options.get("line_by_line", False)),
+        text_column=options.get("text_column"),
+        header=bool(options.get("header", True)),
+        encoding_errors=options.get("encoding_errors", "strict"),
+        skip_bad_records=bool(options.get("skip_bad_records", False)),
+    )
 
 
 def _load_tokenizer(
@@ -302,18 +328,9 @@ def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True,
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
     data = _run_dataset(cfg, files, tokenizer)
     m = cfg.model
-    config = gpt2_config_of(m, eos_token_id=eos_token_id(tokenizer))
-    ai = GPT2(
-        config=config,
-        tokenizer=tokenizer,
-        seed=cfg.train.seed,
-        dtype=m.dtype,
-        remat=m.remat,
-        vocab_multiple=m.vocab_multiple,
-    )
+    ai = GPT2(config=m, tokenizer=tokenizer, seed=cfg.train.seed)
     ai.tokenizer_files = tokenizer_files
-    train_kwargs = dataclasses.asdict(cfg.train)
-    ai.train(data, mesh=dataclasses.asdict(cfg.mesh), overwrite=overwrite, progress=progress, **train_kwargs)
+    ai.fit(data, cfg, overwrite=overwrite, progress=progress)  # the CLI's Config, as it is
     if ai.stopped_early:  # preempted or stop_at_step: the checkpoint is written, the run resumes later
         return ai
     print(f"gpt2-flax: training finished; PyTorch-ready model in {out}")

@@ -25,6 +25,10 @@ import yaml
 
 from gpt2_flax.errors import ConfigError  # noqa: F401  (re-exported: gpt2_flax.config.ConfigError)
 
+# The ModelConfig fields a transformers GPT2Config holds under the same name.
+_HF_SHARED = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+_HF_SHARED += ("layer_norm_epsilon", "initializer_range")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -43,6 +47,7 @@ class ModelConfig:
     vocab_multiple: int = 128
     # Rematerialisation of each block in the backward pass: none | block | dots (save matmul outputs).
     remat: str = "none"
+    initializer_range: float = 0.02  # std of the normal init (GPT-2's; residual projections scaled)
 
     def __post_init__(self) -> None:
         _check_types(self, "model")
@@ -61,6 +66,46 @@ class ModelConfig:
             raise ConfigError(f"model.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.remat not in ("none", "block", "dots"):
             raise ConfigError(f"model.remat must be none, block or dots, got {self.remat!r}")
+        if not self.initializer_range > 0.0:
+            raise ConfigError(f"model.initializer_range must be > 0, got {self.initializer_range}")
+
+    # The Hugging Face side of the same model: the only two conversions (the facade's config=
+    # argument and the export's config.json).
+    def to_hf_config(self, eos_token_id: int = 0, **kwargs: Any) -> Any:
+        """The `transformers.GPT2Config` of this model; bos/eos = the tokenizer's <|endoftext|>."""
+        from transformers import GPT2Config
+
+        shared = {name: getattr(self, name) for name in _HF_SHARED}
+        rates = dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), self.dropout)
+        ids = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+        return GPT2Config(**shared, n_ctx=self.n_positions, **rates, **ids, **kwargs)
+
+    @classmethod
+    def from_hf_config(cls, config: Any, **extra: Any) -> ModelConfig:
+        """A ModelConfig from a `transformers.GPT2Config`; `extra` sets our own fields (dtype, remat,
+        vocab_multiple). GPT-2 variants this model does not implement are refused here, once."""
+        unsupported = {
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "add_cross_attention": False,
+        }
+        for name, want in unsupported.items():
+            if getattr(config, name, want) != want:
+                raise ConfigError(f"GPT2Config.{name}={getattr(config, name)} is not supported; use {want}")
+        if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ConfigError(
+                f"GPT2Config.activation_function={config.activation_function!r} is not supported; "
+                "use 'gelu_new' (GPT-2's tanh GELU)"
+            )
+        if getattr(config, "n_inner", None) not in (None, 4 * config.n_embd):
+            raise ConfigError(f"GPT2Config.n_inner={config.n_inner} is not supported; use None (4 * n_embd)")
+        rates = {float(config.resid_pdrop), float(config.embd_pdrop), float(config.attn_pdrop)}
+        if len(rates) > 1:
+            raise ConfigError(
+                f"GPT2Config dropouts differ (resid {config.resid_pdrop}, embd {config.embd_pdrop}, "
+                f"attn {config.attn_pdrop}); gpt2_flax has one model.dropout: set all three alike"
+            )
+        return cls(**{name: getattr(config, name) for name in _HF_SHARED}, dropout=rates.pop(), **extra)
 
 
 @dataclass(frozen=True)

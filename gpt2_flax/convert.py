@@ -288,10 +288,10 @@ def export_pretrained(
     before with the same lineage, untouched since, is replaced without `overwrite`."""
     import jax
 
-    from gpt2_flax.tokenizer import save_transformers_tokenizer
+    from gpt2_flax.tokenizer import eos_token_id, save_transformers_tokenizer
 
     out_dir = epath.Path(out_dir)
-    config = model.config
+    config = model.config.to_hf_config(eos_token_id(tokenizer))  # the boundary: config.json
     state_dict = to_hf_state_dict(model)  # a collective on multi-host runs: every process gathers
     if jax.process_index() != 0:  # only process 0 writes files
         return out_dir
@@ -374,8 +374,7 @@ def export_checkpoint(
 
     from gpt2_flax.checkpoint import Checkpointer
     from gpt2_flax.config import config_from_dict
-    from gpt2_flax.model import gpt2_config_of
-    from gpt2_flax.tokenizer import eos_token_id, load_tokenizer
+    from gpt2_flax.tokenizer import load_tokenizer
 
     run_dir = Path(run_dir)
     run_file = run_dir / "run.json"
@@ -383,8 +382,7 @@ def export_checkpoint(
         raise FileNotFoundError(f"{run_dir} is not a training output_dir (it has no run.json)")
     cfg = config_from_dict(json.loads(run_file.read_text())["config"]).model
     tokenizer = load_tokenizer(tokenizer_file=run_dir / "run_tokenizer.json")
-    gpt2 = gpt2_config_of(cfg, eos_token_id=eos_token_id(tokenizer))
-    abstract = nnx.eval_shape(lambda: GPT2LMHeadModel(gpt2, vocab_multiple=cfg.vocab_multiple))
+    abstract = nnx.eval_shape(lambda: GPT2LMHeadModel(cfg))
     graphdef, state = nnx.split(abstract)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(

@@ -96,7 +96,7 @@ def fit(
             primary=writer,
         )
         if not overwrite:
-            check_export_target(tc.output_dir, run_dir.run_id, model.config)
+            check_export_target(tc.output_dir, run_dir.run_id, model.config.to_hf_config())
     except Exception as e:  # all processes go on together or stop together
         refused = e
     run_dir.run_id = agree(refused, run_dir.run_id)

@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from transformers import GPT2Config
 
 from gpt2_flax.config import ConfigError, ModelConfig
 from gpt2_flax.sharding import constrain
@@ -109,10 +108,10 @@ class KVCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: GPT2Config, proj_std: float, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, proj_std: float, rngs: nnx.Rngs):
         c = cfg.n_embd
         self.n_head = cfg.n_head
-        self.rate = cfg.attn_pdrop
+        self.rate = cfg.dropout
         self.c_attn = Linear(c, 3 * c, cfg.initializer_range, ("embed", "qkv"), rngs)
         self.c_proj = Linear(c, c, proj_std, ("heads", "embed"), rngs)
 
@@ -195,10 +194,10 @@ def _fused_attention_ok(dtype: Any, dropout_rate: float) -> bool:
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: GPT2Config, proj_std: float, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, proj_std: float, rngs: nnx.Rngs):
         c = cfg.n_embd
-        inner = cfg.n_inner or 4 * c
-        self.rate = cfg.resid_pdrop
+        inner = 4 * c
+        self.rate = cfg.dropout
         self.c_fc = Linear(c, inner, cfg.initializer_range, ("embed", "mlp"), rngs)
         self.c_proj = Linear(inner, c, proj_std, ("mlp", "embed"), rngs)
 
@@ -208,7 +207,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         # GPT-2 scales the residual projections' init by 1/sqrt(2 * n_layer): each block adds two.
         proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
         eps = cfg.layer_norm_epsilon
@@ -238,31 +237,27 @@ _REMAT_POLICIES = {
 class GPT2LMHeadModel(nnx.Module):
     """GPT-2 language model: int32 token ids (B, T) -> float32 logits (B, T, vocab_size)."""
 
-    def __init__(
-        self,
-        config: GPT2Config,
-        *,
-        rngs: nnx.Rngs | None = None,
-        dtype: Any = "auto",
-        vocab_multiple: int = 128,
-        remat: str = "none",
-        platform: str | None = None,
-    ):
-        """platform: where the model will run ("cpu", "tpu", "gpu"), by default JAX's default
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None = None, platform: str | None = None):
+        """The one constructor (the facade, the AOT compile and the converter all use it).
+        platform: where the model will run ("cpu", "tpu", "gpu"), by default JAX's default
         backend; it picks the "auto" compute dtype and the layer loop (`unroll_layers`)."""
-        _check_supported(config)
+        if not isinstance(config, ModelConfig):
+            raise ConfigError(
+                f"GPT2LMHeadModel takes a gpt2_flax ModelConfig, got {type(config).__name__}; "
+                "convert a transformers GPT2Config with ModelConfig.from_hf_config(config)"
+            )
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         platform = platform or jax.default_backend()
         self.config = config
-        self.dtype = compute_dtype(dtype, platform)
-        self.remat = remat
+        self.dtype = compute_dtype(config.dtype, platform)
+        self.remat = config.remat
         self.unroll = unroll_layers(platform, config.n_layer)
         self.vocab_size = config.vocab_size
-        vp = padded_vocab_size(config.vocab_size, vocab_multiple)
+        vp = padded_vocab_size(config.vocab_size, config.vocab_multiple)
         std = config.initializer_range
         self.wte = Embedding(vp, config.n_embd, std, ("vocab", "embed"), rngs, used_rows=config.vocab_size)
         self.wpe = Embedding(config.n_positions, config.n_embd, std, ("pos", "embed"), rngs)
-        self.embd_rate = config.embd_pdrop
+        self.embd_rate = config.dropout
 
         @nnx.split_rngs(splits=config.n_layer)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -375,24 +370,6 @@ class GPT2LMHeadModel(nnx.Module):
         return scan(x, self.h, keys)
 
 
-def _check_supported(config: GPT2Config) -> None:
-    unsupported = {
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "add_cross_attention": False,
-    }
-    for name, want in unsupported.items():
-        if getattr(config, name, want) != want:
-            raise ConfigError(f"GPT2Config.{name}={getattr(config, name)} is not supported; use {want}")
-    if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ConfigError(
-            f"GPT2Config.activation_function={config.activation_function!r} is not supported; "
-            "use 'gelu_new' (GPT-2's tanh GELU)"
-        )
-    if config.n_embd % config.n_head:
-        raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
-
-
 def count_params(model: GPT2LMHeadModel) -> int:
     """Parameters as Hugging Face counts them (true vocabulary, tied head counted once)."""
     state = nnx.state(model, nnx.Param)
@@ -410,51 +387,18 @@ def build_gpt2_config(
     n_head: int = 12,
     eos_token_id: int = 0,
     **kwargs: Any,
-) -> GPT2Config:
-    """A `transformers.GPT2Config`: n_positions = max_length, every dropout = dropout, bos/eos =
-    the `<|endoftext|>` id (0 for tokenizers made by `train_tokenizer`)."""
-    if max_length < 1 or vocab_size < 1:
-        raise ConfigError(f"need max_length >= 1 and vocab_size >= 1, got {max_length}, {vocab_size}")
-    if n_embd % n_head:
-        raise ConfigError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-    return GPT2Config(
+) -> Any:
+    """The seed document's `transformers.GPT2Config`: n_positions = max_length, every dropout =
+    dropout, bos/eos = the `<|endoftext|>` id (0 for tokenizers made by `train_tokenizer`). It is
+    checked as the ModelConfig it becomes; other GPT2Config keyword arguments pass through."""
+    ours = {k: kwargs.pop(k) for k in ("layer_norm_epsilon", "initializer_range") if k in kwargs}
+    model = ModelConfig(
         vocab_size=vocab_size,
         n_positions=max_length,
-        n_ctx=max_length,
         n_embd=n_embd,
         n_layer=n_layer,
         n_head=n_head,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        bos_token_id=eos_token_id,
-        eos_token_id=eos_token_id,
-        **kwargs,
+        dropout=dropout,
+        **ours,
     )
-
-
-def model_config_of(config: GPT2Config, **extra: Any) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=config.vocab_size,
-        n_positions=config.n_positions,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        dropout=float(config.resid_pdrop),
-        layer_norm_epsilon=float(config.layer_norm_epsilon),
-        **extra,
-    )
-
-
-def gpt2_config_of(cfg: ModelConfig, eos_token_id: int = 0) -> GPT2Config:
-    """The transformers GPT2Config of a ModelConfig (the YAML side of the same model)."""
-    return build_gpt2_config(
-        cfg.vocab_size,
-        cfg.n_positions,
-        cfg.dropout,
-        cfg.n_embd,
-        cfg.n_layer,
-        cfg.n_head,
-        eos_token_id=eos_token_id,
-        layer_norm_epsilon=cfg.layer_norm_epsilon,
-    )
+    return model.to_hf_config(eos_token_id, **kwargs)

@@ -222,10 +222,10 @@ class GenerationMixin:
         of each batch of rows, generated as it is asked for."""
         from flax import nnx
 
-        args.check(self.config.vocab_size)
+        args.check(self.model_config.vocab_size)
         rows = [_Row(self._encode(p), i) for p in args.prompts for i in range(args.n)]
         bos = [self.eos_token_id] if args.prepend_bos else []
-        ctx = self.config.n_positions
+        ctx = self.model_config.n_positions
         for p in sorted({len(r.prompt) for r in rows}):
             if p + len(bos) > ctx:
                 raise ConfigError(

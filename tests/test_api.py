@@ -13,29 +13,12 @@ import numpy as np
 import pytest
 from conftest import InterruptedAt, interrupted_at
 from flax import nnx
-from flax.nnx import traversals
+from helpers import assert_same_params, small_config
 
-from gpt2_flax import GPT2, ConfigError, TokenDataset, build_gpt2_config, train_tokenizer
+from gpt2_flax import GPT2, ConfigError, TokenDataset, train_tokenizer
 from gpt2_flax.checkpoint import TrainingError
 
 PROMPT = "ROMEO:"
-
-
-def flat_params(model) -> dict[str, np.ndarray]:
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {".".join(map(str, k)): np.asarray(v) for k, v in traversals.flatten_mapping(pure).items()}
-
-
-def assert_same_params(a, b) -> None:
-    pa, pb = flat_params(a), flat_params(b)
-    assert pa.keys() == pb.keys()
-    for name in pa:
-        assert np.array_equal(pa[name], pb[name]), name
-
-
-def small_config(vocab_size: int, **kwargs):
-    args = dict(vocab_size=vocab_size, max_length=32, n_embd=32, n_layer=2, n_head=4)
-    return build_gpt2_config(**{**args, **kwargs})
 
 
 # ----------------------------------------------------------------------------- the walkthrough
@@ -128,6 +111,25 @@ def test_training_continues_from_reloaded_weights(trained_run, dataset, tmp_path
     assert first < math.log(ai.config.vocab_size) - 1.0  # not back at the untrained level
     assert [r["step"] for r in history] == list(range(1, 11))
     assert (tmp_path / "more" / "model.safetensors").is_file()
+
+
+def test_train_records_the_datas_own_settings(trained_run, tmp_path: Path) -> None:
+    # GPT2.train's Config (what run.json records) comes from the dataset as built, not defaults.
+    ai = trained_run.ai
+    csv = tmp_path / "lines.csv"
+    csv.write_text("id,body\n" + "".join(f"{i},ROMEO: the moon doth shine {i}.\n" for i in range(200)))
+    data = TokenDataset(
+        csv,
+        tokenizer=ai.tokenizer,
+        block_size=16,
+        cache_dir=tmp_path / "c",
+        line_by_line=True,
+        text_column="body",
+    )
+    cfg = ai.run_config(data, batch_size=8, num_steps=3)
+    assert cfg.data.files == (str(csv),) and cfg.data.block_size == 16
+    assert cfg.data.line_by_line and cfg.data.text_column == "body"
+    assert cfg.model == ai.model_config and cfg.train.num_steps == 3
 
 
 # ----------------------------------------------------------------------------- bad input

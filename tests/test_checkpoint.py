@@ -249,15 +249,12 @@ def _restore_logits(run: Path, mesh: dict[str, int], ids: np.ndarray) -> np.ndar
 
     from gpt2_flax.config import config_from_dict
     from gpt2_flax.loop import maybe_resume
-    from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config
+    from gpt2_flax.model import GPT2LMHeadModel
     from gpt2_flax.train import build
 
     cfg = config_from_dict(json.loads((run / "run.json").read_text())["config"])
     cfg = config_from_dict({**cfg.to_dict(), "mesh": mesh})
-    m = cfg.model
-    model = GPT2LMHeadModel(
-        build_gpt2_config(m.vocab_size, m.n_positions, 0.0, m.n_embd, m.n_layer, m.n_head)
-    )
+    model = GPT2LMHeadModel(cfg.model)
     setup = build(model, cfg)
     step = maybe_resume(setup, Checkpointer(run / "checkpoints"))
     assert step > 0

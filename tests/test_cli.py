@@ -134,6 +134,11 @@ def test_train_export_generate(corpus_file: Path, tmp_path: Path, capsys: pytest
     for name in ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.json"):
         assert (run / name).is_file(), name
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [10, 20]
+    # run.json records the CLI's own resolved config, data section included (not rebuilt on the way).
+    recorded = json.loads((run / "run.json").read_text())["config"]
+    assert recorded["data"]["cache_dir"] == str(tmp_path / "cache")
+    assert recorded["data"]["files"] == [str(corpus_file)]
+    assert recorded["train"]["log_every"] == 5 and recorded["model"]["n_layer"] == 2
 
     # Export the step-10 checkpoint; it differs from the final weights, and loads in PyTorch.
     assert (

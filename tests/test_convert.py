@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from flax.nnx import traversals
+from helpers import assert_same_params, flat_params, new_model
 
 from gpt2_flax import GPT2, GPT2LMHeadModel, build_gpt2_config
 from gpt2_flax.convert import load_hf_state_dict, read_weights, to_hf_state_dict
@@ -25,18 +26,6 @@ PROMPT = "ROMEO: The moon"
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-def flat_params(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {".".join(map(str, k)): np.asarray(v) for k, v in traversals.flatten_mapping(pure).items()}
-
-
-def assert_same_params(a: GPT2LMHeadModel, b: GPT2LMHeadModel) -> None:
-    pa, pb = flat_params(a), flat_params(b)
-    assert pa.keys() == pb.keys()
-    for name in pa:
-        assert np.array_equal(pa[name], pb[name]), name
 
 
 def randomize(model: GPT2LMHeadModel, seed: int) -> GPT2LMHeadModel:
@@ -181,7 +170,7 @@ def test_round_trip_is_bit_exact(source: str, random_export, tokenizer_files, ti
             seed=11,
         ).model
     else:
-        back = randomize(GPT2LMHeadModel(tiny_config, rngs=nnx.Rngs(11)), seed=11)
+        back = randomize(new_model(tiny_config, seed=11), seed=11)
         load_hf_state_dict(back, to_hf_state_dict(ai.model))
     assert_same_params(back, ai.model)
     padding = flat_params(back)["wte.embedding"][tiny_config.vocab_size :]
@@ -200,11 +189,11 @@ def test_trained_export_round_trip_keeps_padding_zero(trained_run) -> None:
 
 
 def _state_dict(config, seed: int = 0) -> dict[str, np.ndarray]:
-    return to_hf_state_dict(randomize(GPT2LMHeadModel(config, rngs=nnx.Rngs(seed)), seed))
+    return to_hf_state_dict(randomize(new_model(config, seed=seed), seed))
 
 
 def _fresh(config) -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(config, rngs=nnx.Rngs(0))
+    return new_model(config)
 
 
 def test_missing_weight_is_named(tiny_config) -> None:

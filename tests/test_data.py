@@ -289,12 +289,13 @@ def test_packed_documents_never_attend_across(tok: Tokenizer) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
+    from gpt2_flax.config import ModelConfig
     from gpt2_flax.data import DocumentBlocks
-    from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config
+    from gpt2_flax.model import GPT2LMHeadModel
 
     block = 16
     model = GPT2LMHeadModel(
-        build_gpt2_config(tok.get_vocab_size(), max_length=block, n_embd=32, n_layer=2, n_head=4),
+        ModelConfig(vocab_size=tok.get_vocab_size(), n_positions=block, n_embd=32, n_layer=2, n_head=4),
         rngs=nnx.Rngs(0),
     )
     docs = [[0, 5, 9, 30, 0], [0, 44, 61, 0], [0, 7, 7, 7, 8, 0]]

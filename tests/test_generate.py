@@ -15,12 +15,12 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from helpers import new_model
 from transformers.generation import logits_process as hf_lp
 
 from gpt2_flax import GPT2, ConfigError
 from gpt2_flax.cli import main as cli_main
 from gpt2_flax.generate import filter_logits, process_logits, top_k_candidates
-from gpt2_flax.model import GPT2LMHeadModel
 
 PROMPT = "ROMEO:"
 
@@ -52,7 +52,7 @@ def hf_model(folder: Path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_prefill_and_decode_equal_the_full_forward(tiny_config, dtype: str) -> None:
-    model = GPT2LMHeadModel(tiny_config, rngs=nnx.Rngs(3), dtype=dtype)
+    model = new_model(tiny_config, seed=3, dtype=dtype)
     b, t, p, slots = 2, 24, 7, 32
     ids = jnp.asarray(np.random.RandomState(0).randint(0, tiny_config.vocab_size, (b, t)), jnp.int32)
     full = model(ids)
@@ -70,7 +70,7 @@ def test_prefill_and_decode_equal_the_full_forward(tiny_config, dtype: str) -> N
 
 
 def test_left_padding_computes_each_row_as_alone(tiny_config) -> None:
-    model = GPT2LMHeadModel(tiny_config, rngs=nnx.Rngs(4))
+    model = new_model(tiny_config, seed=4)
     row = jnp.asarray(np.random.RandomState(1).randint(0, tiny_config.vocab_size, (1, 9)), jnp.int32)
     pad = 5  # the row sits after 5 padding slots, as a short prompt in a batch does
     ids = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), row], axis=1)
@@ -182,9 +182,14 @@ def test_beyond_the_context_slides_like_a_full_window(trained_run) -> None:
     ai = trained_run.ai
     ctx = ai.config.n_positions
     ids = [ai.eos_token_id, *ai.tokenizer.encode(PROMPT).ids]
-    model = ai.model
-    while len(ids) < 2 * ctx + 5:  # the reference: a full forward over the last n_positions tokens
-        ids.append(int(jnp.argmax(model(jnp.asarray([ids[-ctx:]], jnp.int32))[0, -1])))
+    # The reference: a full forward over the last n_positions tokens. One jitted (1, ctx) shape: a
+    # shorter window is right-padded, which causal attention never lets its last real token see
+    # (an eager forward per window length took 113 s of the suite).
+    forward = nnx.jit(lambda model, row: model(row))
+    while len(ids) < 2 * ctx + 5:
+        window = ids[-ctx:]
+        row = jnp.asarray([window + [0] * (ctx - len(window))], jnp.int32)
+        ids.append(int(jnp.argmax(forward(ai.model, row)[0, len(window) - 1])))
     want = ai.tokenizer.decode(ids[1:])
     got = greedy(ai, max_length=2 * ctx + 4, min_length=2 * ctx + 4)
     assert got == want and len(ai.tokenizer.encode(got).ids) > ctx

@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from flax.nnx import traversals
+from helpers import flat_params, new_model, small_config
 
-from gpt2_flax import GPT2LMHeadModel, build_gpt2_config
+from gpt2_flax import GPT2LMHeadModel
 from gpt2_flax.convert import load_hf_state_dict
 from gpt2_flax.model import count_params
 
@@ -22,15 +22,8 @@ transformers = pytest.importorskip("transformers")
 V, T, C, L, H = 400, 32, 32, 2, 4
 
 
-def flat_params(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {".".join(map(str, k)): np.asarray(v) for k, v in traversals.flatten_mapping(pure).items()}
-
-
 def tiny(dropout: float = 0.0, n_embd: int = C, **kwargs) -> object:
-    return build_gpt2_config(
-        vocab_size=V, max_length=T, n_embd=n_embd, n_layer=L, n_head=H, dropout=dropout, **kwargs
-    )
+    return small_config(V, max_length=T, n_embd=n_embd, n_layer=L, n_head=H, dropout=dropout, **kwargs)
 
 
 @nnx.jit
@@ -59,7 +52,7 @@ def test_logits_match_hugging_face_on_random_weights() -> None:
     config = tiny()
     hf = randomized_hf_model(config)
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied in HF too
-    ours = GPT2LMHeadModel(config, rngs=nnx.Rngs(1))
+    ours = new_model(config, seed=1)
     load_hf_state_dict(ours, hf.state_dict())
     ids = random_ids((2, 16))
     logits = forward(ours, jnp.asarray(ids))
@@ -72,14 +65,14 @@ def test_logits_match_hugging_face_on_random_weights() -> None:
 
 def test_count_params_equals_hugging_face() -> None:
     config = tiny()
-    ours = GPT2LMHeadModel(config, rngs=nnx.Rngs(0))
+    ours = new_model(config)
     assert count_params(ours) == transformers.GPT2LMHeadModel(config).num_parameters()
     # and the padded vocabulary rows are not counted
     assert count_params(ours) < sum(v.size for v in flat_params(ours).values())
 
 
 def test_causal_mask() -> None:
-    model = GPT2LMHeadModel(tiny(), rngs=nnx.Rngs(0))
+    model = new_model(tiny())
     ids = random_ids((1, 16))
     base = np.asarray(forward(model, jnp.asarray(ids)))
     for t in (0, 7, 15):
@@ -91,13 +84,13 @@ def test_causal_mask() -> None:
 
 
 def test_sequence_longer_than_context_is_refused() -> None:
-    model = GPT2LMHeadModel(tiny(), rngs=nnx.Rngs(0))
+    model = new_model(tiny())
     with pytest.raises(ValueError, match="n_positions=32"):
         forward(model, jnp.zeros((1, T + 1), jnp.int32))
 
 
 def test_parameter_tree_names_and_shapes() -> None:
-    model = GPT2LMHeadModel(tiny(), rngs=nnx.Rngs(0))
+    model = new_model(tiny())
     shapes = {k: v.shape for k, v in flat_params(model).items()}
     vp = 512  # 400 padded to a multiple of 128
     assert shapes == {
@@ -123,7 +116,7 @@ def test_parameter_tree_names_and_shapes() -> None:
 
 def test_init_statistics() -> None:
     n_embd = 64
-    model = GPT2LMHeadModel(tiny(n_embd=n_embd), rngs=nnx.Rngs(0))
+    model = new_model(tiny(n_embd=n_embd))
     p = flat_params(model)
     proj_std = 0.02 / math.sqrt(2 * L)
     for name, std in [
@@ -146,7 +139,7 @@ def test_init_statistics() -> None:
 
 
 def test_dropout_only_with_a_key() -> None:
-    model = GPT2LMHeadModel(tiny(dropout=0.1), rngs=nnx.Rngs(0))
+    model = new_model(tiny(dropout=0.1))
     ids = jnp.asarray(random_ids((2, 16)))
     plain = np.asarray(forward(model, ids))
     np.testing.assert_array_equal(np.asarray(forward(model, ids)), plain)  # deterministic without a key
@@ -157,14 +150,14 @@ def test_dropout_only_with_a_key() -> None:
     assert np.abs(d1 - plain).max() > 1e-3
     assert np.abs(d1 - d2).max() > 1e-3
     # With dropout 0 a key changes nothing.
-    no_dropout = GPT2LMHeadModel(tiny(dropout=0.0), rngs=nnx.Rngs(0))
+    no_dropout = new_model(tiny(dropout=0.0))
     np.testing.assert_array_equal(
         np.asarray(forward(no_dropout, ids, dropout_key=k1)), np.asarray(forward(no_dropout, ids))
     )
 
 
 def test_segment_ids_block_attention_across_documents() -> None:
-    model = GPT2LMHeadModel(tiny(), rngs=nnx.Rngs(0))
+    model = new_model(tiny())
     ids = random_ids((1, 16), seed=3)
     a, b = ids[:, :6], ids[:, 6:]
     segments = jnp.asarray([[0] * 6 + [1] * 10])
@@ -192,7 +185,7 @@ def test_remat_gives_same_logits_and_gradients() -> None:
     ids = jnp.asarray(random_ids((2, 17), seed=5))
     key = jax.random.key(7)  # dropout on: the recomputed forward must draw the same masks
     results = {
-        remat: _loss_and_grads(GPT2LMHeadModel(tiny(dropout=0.1), rngs=nnx.Rngs(0), remat=remat), ids, key)
+        remat: _loss_and_grads(new_model(tiny(dropout=0.1), remat=remat), ids, key)
         for remat in ("none", "block", "dots")
     }
     loss0, logits0, grads0 = results["none"]
@@ -203,3 +196,35 @@ def test_remat_gives_same_logits_and_gradients() -> None:
         for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
             np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-7)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads0)) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"activation_function": "relu"}, "activation_function='relu' is not supported"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True is not supported"),
+        ({"n_inner": 64}, "n_inner=64 is not supported"),
+        ({"attn_pdrop": 0.0, "resid_pdrop": 0.1, "embd_pdrop": 0.1}, "dropouts differ"),
+    ],
+)
+def test_gpt2_configs_we_do_not_implement_are_refused_at_the_boundary(change, message) -> None:
+    from gpt2_flax.config import ConfigError, ModelConfig
+
+    config = tiny()
+    for name, value in change.items():
+        setattr(config, name, value)
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf_config(config)
+
+
+def test_model_config_round_trips_through_transformers() -> None:
+    from gpt2_flax.config import ModelConfig
+
+    ours = ModelConfig(
+        vocab_size=V, n_positions=T, n_embd=C, n_layer=L, n_head=H, dropout=0.1, dtype="bfloat16"
+    )
+    hf = ours.to_hf_config(eos_token_id=7)
+    assert (hf.n_ctx, hf.attn_pdrop, hf.eos_token_id, hf.bos_token_id) == (T, 0.1, 7, 7)
+    assert ModelConfig.from_hf_config(hf, dtype="bfloat16") == ours
+    with pytest.raises(Exception, match="ModelConfig"):
+        GPT2LMHeadModel(hf)  # the model takes ours only: the conversion is the caller's, once

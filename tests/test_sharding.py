@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import make_corpus
+from helpers import new_model
 from sharding_case import max_rel_diff, run_case
 
 from gpt2_flax.config import ConfigError, MeshConfig, load_config
@@ -24,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 TOL = 1e-5  # relative, fp32
 
 
-def assert_same_params(params: dict, ref: dict) -> None:
+def assert_params_close(params: dict, ref: dict) -> None:
     for name, want in ref.items():
         # The key bias (c_attn.bias[C:2C]) gets a mathematically zero gradient (softmax ignores a
         # constant added to every score), so Adam turns float noise into updates there: ~1e-6.
@@ -72,7 +73,7 @@ def test_layouts_match_one_device(workdir: Path, reference: tuple, mesh: dict[st
     assert len(losses) == len(ref_losses) == 10
     assert max_rel_diff(np.array(losses), np.array(ref_losses)) < TOL, (losses, ref_losses)
     assert losses[-1] < losses[0]
-    assert_same_params(params, ref_params)
+    assert_params_close(params, ref_params)
 
 
 def _free_port() -> int:
@@ -109,7 +110,7 @@ def test_two_processes_match_one_device(workdir: Path, reference: tuple) -> None
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     losses = json.loads((workdir / "multihost_losses.json").read_text())
     assert max_rel_diff(np.array(losses), np.array(ref_losses)) < TOL, (losses, ref_losses)
-    assert_same_params(dict(np.load(workdir / "multihost_params.npz")), ref_params)
+    assert_params_close(dict(np.load(workdir / "multihost_params.npz")), ref_params)
     # Only process 0 writes the export and the metrics; every process took part in checkpointing.
     run = workdir / "run-multihost"
     assert (run / "model.safetensors").is_file() and (run / "checkpoints" / "10").is_dir()
@@ -117,9 +118,8 @@ def test_two_processes_match_one_device(workdir: Path, reference: tuple) -> None
 
 
 def test_parameter_and_optimizer_shardings_follow_the_rules() -> None:
-    from flax import nnx
 
-    from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config
+    from gpt2_flax.model import build_gpt2_config
     from gpt2_flax.train import build
 
     cfg = load_config(
@@ -129,7 +129,7 @@ def test_parameter_and_optimizer_shardings_follow_the_rules() -> None:
         train={"batch_size": 8},
     )
     g = build_gpt2_config(300, 16, 0.0, 32, 2, 4)
-    setup = build(GPT2LMHeadModel(g, rngs=nnx.Rngs(0)), cfg)
+    setup = build(new_model(g), cfg)
     p = setup.state.params
     spec = lambda x: tuple(x.sharding.spec)  # noqa: E731
     assert spec(p["h"]["attn"]["c_attn"]["kernel"]) == (None, "fsdp", "tensor")  # (L, embed, qkv)
@@ -160,13 +160,12 @@ def test_bad_mesh_sizes(sizes: dict[str, int], n: int, message: str) -> None:
 
 
 def test_bad_layouts_for_training() -> None:
-    from flax import nnx
 
-    from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config
+    from gpt2_flax.model import build_gpt2_config
     from gpt2_flax.train import build
 
     g = build_gpt2_config(300, 16, 0.0, 36, 2, 3)  # 3 heads
-    model = GPT2LMHeadModel(g, rngs=nnx.Rngs(0))
+    model = new_model(g)
     small = {"n_layer": 2, "n_embd": 36, "n_head": 3, "vocab_size": 300, "n_positions": 16}
     cfg = load_config(None, ["mesh.data=4", "mesh.tensor=2"], model=small, train={"batch_size": 8})
     with pytest.raises(ConfigError, match="heads cannot be split"):
@@ -184,13 +183,13 @@ def test_precision_policy() -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config, compute_dtype
+    from gpt2_flax.model import build_gpt2_config, compute_dtype
 
     assert compute_dtype("auto", "tpu") == jnp.bfloat16 and compute_dtype("auto", "gpu") == jnp.bfloat16
     assert compute_dtype("auto", "cpu") == jnp.float32  # bf16 is slower than fp32 on CPUs
     g = build_gpt2_config(300, 16, 0.0, 32, 2, 4)
-    fp32 = GPT2LMHeadModel(g, rngs=nnx.Rngs(0), dtype="float32")
-    bf16 = GPT2LMHeadModel(g, rngs=nnx.Rngs(0), dtype="bfloat16")
+    fp32 = new_model(g, dtype="float32")
+    bf16 = new_model(g, dtype="bfloat16")
     # Parameters stay float32 whatever the compute dtype; logits (and so the loss) are float32.
     assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16))} == {jnp.dtype(jnp.float32)}
     ids = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 300

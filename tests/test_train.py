@@ -14,18 +14,14 @@ import numpy as np
 import pytest
 from conftest import InterruptedAt, interrupted_at
 from flax import nnx
+from helpers import new_model, small_config
 
-from gpt2_flax import GPT2, GPT2LMHeadModel, build_gpt2_config
+from gpt2_flax import GPT2
 from gpt2_flax.checkpoint import TrainingError
 from gpt2_flax.config import Config, DataConfig, ModelConfig, TrainConfig
 from gpt2_flax.train import build, lr_schedule, make_optimizer, to_global
 
 BLOCK = 32
-
-
-def small_config(vocab_size: int, **kwargs):
-    args = dict(vocab_size=vocab_size, max_length=BLOCK, n_embd=32, n_layer=2, n_head=4)
-    return build_gpt2_config(**{**args, **kwargs})
 
 
 def new_gpt2(tokenizer_files, config) -> GPT2:
@@ -66,7 +62,7 @@ def _build(vocab_size: int, accum: int, batch_size: int = 32):
         data=DataConfig(block_size=BLOCK),
         train=TrainConfig(batch_size=batch_size, grad_accum_steps=accum, num_steps=10, warmup_steps=0),
     )
-    model = GPT2LMHeadModel(small_config(vocab_size), rngs=nnx.Rngs(0))
+    model = new_model(small_config(vocab_size))
     return build(model, cfg)
 
 
@@ -88,16 +84,14 @@ def test_grad_accumulation_equals_one_big_batch(dataset, vocab_size: int) -> Non
     # thousandth of one step's update (lr 1e-3).
     for a, b in zip(jax.tree.leaves(params4), jax.tree.leaves(params1), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    initial = jax.tree.leaves(
-        nnx.to_pure_dict(nnx.state(GPT2LMHeadModel(small_config(vocab_size)), nnx.Param))
-    )
+    initial = jax.tree.leaves(nnx.to_pure_dict(nnx.state(new_model(small_config(vocab_size)), nnx.Param)))
     assert (
         max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params1), initial, strict=True)) > 1e-3
     )
 
 
 def test_weight_decay_only_on_kernels(vocab_size: int) -> None:
-    model = GPT2LMHeadModel(small_config(vocab_size), rngs=nnx.Rngs(0))
+    model = new_model(small_config(vocab_size))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tc = TrainConfig(learning_rate=0.1, weight_decay=0.5, warmup_steps=0, num_steps=10)
     tx = make_optimizer(tc)

@@ -5,7 +5,7 @@ import resource
 
 from gpt2_flax.config import config_from_dict
 from gpt2_flax.host import tune_allocator
-from gpt2_flax.model import GPT2LMHeadModel, gpt2_config_of
+from gpt2_flax.model import GPT2LMHeadModel
 from gpt2_flax.train import build, to_global
 
 
@@ -15,12 +15,19 @@ def main() -> None:
     # Big enough that XLA's temp buffer (~110 MB) is past glibc's largest mmap threshold (32 MB).
     cfg = config_from_dict(
         {
-            "model": {"vocab_size": 512, "n_positions": 64, "n_embd": 128, "n_layer": 2, "n_head": 4},
+            "model": {
+                "vocab_size": 512,
+                "n_positions": 64,
+                "n_embd": 128,
+                "n_layer": 2,
+                "n_head": 4,
+                "dtype": "float32",
+            },
             "train": {"batch_size": 32},
             "mesh": {"data": 1},
         }
     )
-    setup = build(GPT2LMHeadModel(gpt2_config_of(cfg.model), dtype="float32"), cfg)
+    setup = build(GPT2LMHeadModel(cfg.model), cfg)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 512, (32, 65)).astype(np.int32)
     batch = to_global({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, setup.mesh)

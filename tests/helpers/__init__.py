@@ -1,0 +1,43 @@
+"""Helpers shared by the test modules (the worker scripts in this folder run as subprocesses)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from flax.nnx import traversals
+
+from gpt2_flax import build_gpt2_config
+from gpt2_flax.config import ModelConfig
+from gpt2_flax.model import GPT2LMHeadModel
+
+
+def small_config(vocab_size: int, **kwargs: Any) -> Any:
+    """The tests' GPT2Config: 2 layers of 32 features, 4 heads, context 32 (kwargs override)."""
+    args = dict(vocab_size=vocab_size, max_length=32, n_embd=32, n_layer=2, n_head=4)
+    return build_gpt2_config(**{**args, **kwargs})
+
+
+def ours(config: Any, **extra: Any) -> ModelConfig:
+    """Our ModelConfig of a transformers GPT2Config; extra: dtype, remat, vocab_multiple."""
+    return ModelConfig.from_hf_config(config, **extra)
+
+
+def new_model(config: Any, seed: int = 0, **extra: Any) -> GPT2LMHeadModel:
+    """A GPT2LMHeadModel of a GPT2Config (or a ModelConfig), initialised from `seed`."""
+    cfg = config if isinstance(config, ModelConfig) else ours(config, **extra)
+    return GPT2LMHeadModel(cfg, rngs=nnx.Rngs(seed))
+
+
+def flat_params(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {".".join(map(str, k)): np.asarray(v) for k, v in traversals.flatten_mapping(pure).items()}
+
+
+def assert_same_params(a: GPT2LMHeadModel, b: GPT2LMHeadModel) -> None:
+    """Bitwise-equal parameters, same names."""
+    pa, pb = flat_params(a), flat_params(b)
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert np.array_equal(pa[name], pb[name]), name
