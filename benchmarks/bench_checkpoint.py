@@ -25,11 +25,12 @@ def _setup(config: str, overrides: list[str]):
 
     from gpt2_flax.config import load_config
     from gpt2_flax.model import GPT2LMHeadModel
-    from gpt2_flax.train import build
+    from gpt2_flax.train import build, init_state
 
     cfg = load_config(config, ["mesh.data=1", *overrides])
     model = GPT2LMHeadModel(cfg.model, rngs=nnx.Rngs(0))
-    return cfg, build(model, cfg)
+    plan = build(model, cfg)
+    return cfg, plan, init_state(plan, model)
 
 
 def steps_per_s(steps: int, save_every: int) -> float:
@@ -38,13 +39,12 @@ def steps_per_s(steps: int, save_every: int) -> float:
     from gpt2_flax.checkpoint import Checkpointer
     from gpt2_flax.train import to_global
 
-    cfg, setup = _setup(str(ROOT / "configs" / "seed.yaml"), [])
+    cfg, setup, state = _setup(str(ROOT / "configs" / "seed.yaml"), [])
     rng = np.random.default_rng(0)
     b, t = cfg.train.batch_size, cfg.block_size
     batches = [rng.integers(0, cfg.model.vocab_size, (b, t + 1)) for _ in range(16)]
     tmp = Path(tempfile.mkdtemp())
     ckpt = Checkpointer(tmp / "ckpt", keep=2)
-    state = setup.state
 
     def run(i: int):
         nonlocal state
@@ -73,12 +73,12 @@ def save_restore_124m() -> tuple[float, float, float]:
 
     from gpt2_flax.checkpoint import Checkpointer, state_bytes
 
-    cfg, setup = _setup(str(ROOT / "configs" / "gpt2-124m.yaml"), ["model.dtype=float32"])
-    size = state_bytes(setup.state)
+    cfg, setup, state = _setup(str(ROOT / "configs" / "gpt2-124m.yaml"), ["model.dtype=float32"])
+    size = state_bytes(state)
     tmp = Path(tempfile.mkdtemp())
     ckpt = Checkpointer(tmp / "ckpt", keep=2)
     t0 = time.perf_counter()
-    ckpt.save(1, setup.state.params, setup.state.opt_state, {})
+    ckpt.save(1, state.params, state.opt_state, {})
     ckpt.wait()
     save_s = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -27,11 +27,11 @@ def make_ours(cfg):
     from flax import nnx
 
     from gpt2_flax.model import GPT2LMHeadModel
-    from gpt2_flax.train import build, to_global
+    from gpt2_flax.train import build, init_state, to_global
 
     model = GPT2LMHeadModel(cfg.model, rngs=nnx.Rngs(0))
     setup = build(model, cfg)
-    state = setup.state
+    state = init_state(setup, model)
 
     def run(batch: np.ndarray):
         nonlocal state

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 from flax import nnx
@@ -25,6 +25,9 @@ from gpt2_flax.model import GPT2LMHeadModel
 from gpt2_flax.sampling import GenerateArgs, GenerationMixin
 from gpt2_flax.sharding import init_sharded
 from gpt2_flax.tokenizer import EOS, eos_token_id, load_tokenizer, tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    from gpt2_flax.loop import FitResult
 
 PathLike = str | Path
 
@@ -152,13 +155,12 @@ class GPT2(GenerationMixin):
         cfg = self.run_config(
             data, mesh, batch_size=batch_size, num_steps=num_steps, output_dir=str(output_dir), **train_kwargs
         )
-        return self.fit(data, cfg, overwrite=overwrite, progress=progress)
+        return self.fit(data, cfg, overwrite=overwrite, progress=progress).history
 
-    def fit(
-        self, data: Any, cfg: Config, *, overwrite: bool = False, progress: bool = True
-    ) -> list[dict[str, Any]]:
+    def fit(self, data: Any, cfg: Config, *, overwrite: bool = False, progress: bool = True) -> FitResult:
         """The one path to training (`train` and the CLI): `cfg` as it will be recorded in run.json;
-        its model section must be this model's. Exports to cfg.train.output_dir at the end."""
+        its model section must be this model's. Exports to cfg.train.output_dir at the end unless
+        the run stopped early (a signal, stop_at_step). Returns the loop's result."""
         from gpt2_flax.loop import fit
 
         if cfg.model != self.model_config:
@@ -181,12 +183,12 @@ class GPT2(GenerationMixin):
             progress=progress,
             tokenizer_files=self.tokenizer_files,
         )
-        self.model = nnx.merge(result.graphdef, result.params)
+        self.model = nnx.merge(result.graphdef, result.state.params)
         self.lineage = result.run_id  # the export at the end (and later saves) belong to this run
         if not result.stopped_early:  # a stopped run resumes later; the export is of final weights
             self.save(cfg.train.output_dir, overwrite=overwrite)
-        self.stopped_early = result.stopped_early
-        return result.history
+        self.stopped_early = result.stopped_early  # public (aitextgen users read it after train)
+        return result
 
     def save(self, target_folder: PathLike = "trained_model", overwrite: bool = False) -> Path:
         """Writes config.json, model.safetensors, pytorch_model.bin (with torch) and tokenizer files."""
@@ -330,8 +332,8 @@ def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True,
     m = cfg.model
     ai = GPT2(config=m, tokenizer=tokenizer, seed=cfg.train.seed)
     ai.tokenizer_files = tokenizer_files
-    ai.fit(data, cfg, overwrite=overwrite, progress=progress)  # the CLI's Config, as it is
-    if ai.stopped_early:  # preempted or stop_at_step: the checkpoint is written, the run resumes later
+    result = ai.fit(data, cfg, overwrite=overwrite, progress=progress)  # the CLI's Config, as it is
+    if result.stopped_early:  # preempted or stop_at_step: the checkpoint is written, the run resumes later
         return ai
     print(f"gpt2-flax: training finished; PyTorch-ready model in {out}")
     if samples and jax.process_index() == 0:

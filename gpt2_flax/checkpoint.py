@@ -4,7 +4,8 @@ Layout under ``output_dir`` (a local path or ``gs://...``)::
 
     checkpoints/<step>/params/     parameters (Orbax, one folder per step)
     checkpoints/<step>/opt_state/  optimizer state
-    checkpoints/<step>/meta/       JSON: step, seed (the data position is a function of the step)
+    checkpoints/<step>/meta/       JSON: the seed (the step is the folder's name; the data position
+                                   is a function of it)
     run.json                       the resolved config of the run (what a resume must match)
     run_tokenizer.json             the run's tokenizer (what an export from a checkpoint needs)
     metrics.jsonl                  one JSON line per logged step
@@ -66,7 +67,7 @@ class Checkpointer:
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave({**meta, "step": step}),
+            meta=ocp.args.JsonSave(meta),  # the step is the folder's name, nowhere else
         )
         return self._manager.save(step, args=args, force=force)
 

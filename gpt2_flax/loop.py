@@ -24,15 +24,16 @@ from gpt2_flax.model import GPT2LMHeadModel, count_params
 from gpt2_flax.preemption import StopRequest
 from gpt2_flax.run_dir import RunDir, data_identity
 from gpt2_flax.sharding import agree
-from gpt2_flax.train import Setup, TrainState, build, to_global
+from gpt2_flax.train import Plan, TrainState, build, init_state, to_global
 
 
-def maybe_resume(setup: Setup, ckpt: Checkpointer, say: Callable[[str], None] = print) -> int:
-    """Restores the newest readable checkpoint onto this run's shardings; returns its step. One
-    that cannot be read (damaged on disk) is moved aside, named in a warning, and never deleted."""
+def restore(p: Plan, ckpt: Checkpointer, say: Callable[[str], None] = print) -> TrainState | None:
+    """The newest readable checkpoint as a TrainState on this plan's shardings (None: there is
+    none). Its step is the checkpoint's name. One that cannot be read (damaged on disk) is moved
+    aside, named in a warning, and never deleted."""
     if ckpt.latest_step() is None:  # (RunDir.check refused a finished run already)
-        return 0
-    target = setup.abstract_state
+        return None
+    target = p.abstract_state
     for step in reversed(ckpt.all_steps()):
         try:
             out = ckpt.restore(step, target.params, target.opt_state)
@@ -43,21 +44,23 @@ def maybe_resume(setup: Setup, ckpt: Checkpointer, say: Callable[[str], None] = 
                 f"{str(e).splitlines()[0][:200]}); kept as {kept}, resuming from an older one"
             )
             continue
-        state_step = jax.device_put(jnp.int32(out["meta"]["step"]), setup.state_shardings.step)
-        setup.state = TrainState(state_step, out["params"], out["opt_state"])
-        return step
+        state_step = jax.device_put(jnp.int32(step), p.state_shardings.step)
+        return TrainState(state_step, out["params"], out["opt_state"])
     say("gpt2-flax: warning: no checkpoint could be read; starting from step 0")
-    return 0
+    return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitResult:
-    params: dict[str, Any]
+    state: TrainState  # the final one (its step: how far the run got)
     graphdef: Any
-    final_step: int
     history: list[dict[str, Any]]
-    stopped_early: bool  # by a signal or stop_at_step: resume with the same output_dir
+    stop_reason: str  # "finished", or "stopped" (a signal or stop_at_step: resume with the same output_dir)
     run_id: str = ""  # run.json's: the lineage of the export
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stop_reason != "finished"
 
 
 def fit(
@@ -74,68 +77,24 @@ def fit(
     """Trains `model` on `dataset` for cfg.train.num_steps, resuming from output_dir if it can.
     Every check on output_dir (and on the export that will go there) runs before anything is
     written to it; tokenizer_files (a tokenizer trained for this run) are written once they pass."""
-    from gpt2_flax.convert import check_export_target
-    from gpt2_flax.tokenizer import tokenizer_fingerprint
-
     tc = cfg.train
-    setup = build(model, cfg)
-    run_dir = RunDir(tc.output_dir, overwrite=overwrite)
-    data = data_identity(dataset)
-    ckpt_bytes = state_bytes(setup.abstract_state)
-    # The export: safetensors + pytorch_model.bin, the parameters in float32 each.
-    export_bytes = 2 * state_bytes(setup.abstract_state.params)
-    writer = jax.process_index() == 0
-    refused = None
-    try:
-        run_dir.check(
-            cfg,
-            tokenizer_fingerprint(tokenizer),
-            data,
-            checkpoint_bytes=ckpt_bytes,
-            export_bytes=export_bytes,
-            primary=writer,
-        )
-        if not overwrite:
-            check_export_target(tc.output_dir, run_dir.run_id, model.config.to_hf_config())
-    except Exception as e:  # all processes go on together or stop together
-        refused = e
-    run_dir.run_id = agree(refused, run_dir.run_id)
-    failed = None
-    if writer:
-        for note in run_dir.notes:
-            print(note)
-        try:
-            run_dir.open(cfg, tokenizer, data, tokenizer_files or {})
-        except Exception as e:
-            failed = e
-    # Also a barrier: no process looks for checkpoints before an overwrite has removed the old ones.
-    agree(failed, "")
+    p = build(model, cfg)
+    run_dir = _open_run_dir(p, model, dataset, cfg, tokenizer, overwrite, tokenizer_files or {})
     out = epath.Path(str(run_dir.path))
     ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
     try:
-        start = maybe_resume(setup, ckpt)
+        resumed = restore(p, ckpt)
+        state = resumed if resumed is not None else init_state(p, model)
+        start = int(jax.device_get(state.step))
         trim_metrics(out, start)
         trim_samples(out, start)
-        tokens_per_step = tc.batch_size * dataset.block_size
-        flops = flops_per_token(
-            count_params(model), model.config.n_layer, model.config.n_embd, dataset.block_size
-        )
-        logger = MetricsLogger(
-            out,
-            tc.num_steps,
-            start,
-            tokens_per_step,
-            flops * tokens_per_step,
-            enabled=jax.process_index() == 0,
-            progress=progress,
-            peak_flops=run_peak_flops(tc.peak_flops)[0],
-        )
+        logger = _logger(out, model, dataset, tc, start, progress)
         if start:
             logger.write(f"gpt2-flax: resuming from checkpoint step {start} in {ckpt.directory}")
         with StopRequest() as stop:
-            history, stopped = _loop(_Run(setup, dataset, tc, ckpt, logger, stop, sample_fn), start)
-        final = int(jax.device_get(setup.state.step))
-        _save(ckpt, final, setup.state, tc.seed, force=True)
+            state, history, stopped = _loop(_Run(p, dataset, tc, ckpt, logger, stop, sample_fn), state)
+        final = int(jax.device_get(state.step))
+        _save(ckpt, final, state, tc.seed, force=True)
         ckpt.wait()  # the last checkpoint is complete before we return (or the process exits)
         logger.write(logger.summary())
         if stopped:
@@ -147,14 +106,79 @@ def fit(
     finally:
         ckpt.close()
         run_dir.close()
-    return FitResult(setup.state.params, setup.graphdef, final, history, stopped, run_dir.run_id)
+    return FitResult(state, p.graphdef, history, "stopped" if stopped else "finished", run_dir.run_id)
+
+
+def _open_run_dir(
+    p: Plan,
+    model: GPT2LMHeadModel,
+    dataset: Any,
+    cfg: Config,
+    tokenizer: Any,
+    overwrite: bool,
+    tokenizer_files: dict[str, str],
+) -> RunDir:
+    """Checks output_dir (and the export target) on every process, agrees, then process 0 takes
+    the folder (lock, run.json, tokenizer files)."""
+    from gpt2_flax.convert import check_export_target
+    from gpt2_flax.tokenizer import tokenizer_fingerprint
+
+    run_dir = RunDir(cfg.train.output_dir, overwrite=overwrite)
+    data = data_identity(dataset)
+    writer = jax.process_index() == 0
+    refused = None
+    try:
+        run_dir.check(
+            cfg,
+            tokenizer_fingerprint(tokenizer),
+            data,
+            checkpoint_bytes=state_bytes(p.abstract_state),
+            # The export: safetensors + pytorch_model.bin, the parameters in float32 each.
+            export_bytes=2 * state_bytes(p.abstract_state.params),
+            primary=writer,
+        )
+        if not overwrite:
+            check_export_target(cfg.train.output_dir, run_dir.run_id, model.config.to_hf_config())
+    except Exception as e:  # all processes go on together or stop together
+        refused = e
+    run_dir.run_id = agree(refused, run_dir.run_id)
+    failed = None
+    if writer:
+        for note in run_dir.notes:
+            print(note)
+        try:
+            run_dir.open(cfg, tokenizer, data, tokenizer_files)
+        except Exception as e:
+            failed = e
+    # Also a barrier: no process looks for checkpoints before an overwrite has removed the old ones.
+    agree(failed, "")
+    return run_dir
+
+
+def _logger(
+    out: epath.Path, model: GPT2LMHeadModel, dataset: Any, tc: TrainConfig, start: int, progress: bool
+) -> MetricsLogger:
+    tokens_per_step = tc.batch_size * dataset.block_size
+    flops = flops_per_token(
+        count_params(model), model.config.n_layer, model.config.n_embd, dataset.block_size
+    )
+    return MetricsLogger(
+        out,
+        tc.num_steps,
+        start,
+        tokens_per_step,
+        flops * tokens_per_step,
+        enabled=jax.process_index() == 0,
+        progress=progress,
+        peak_flops=run_peak_flops(tc.peak_flops)[0],
+    )
 
 
 @dataclass
 class _Run:
     """What the step loop works with, bundled (the loop body is long enough without 10 arguments)."""
 
-    setup: Setup
+    plan: Plan
     dataset: Any
     tc: TrainConfig
     ckpt: Checkpointer
@@ -163,9 +187,10 @@ class _Run:
     sample_fn: Callable[[Any, int], list[str]] | None
 
 
-def _loop(run: _Run, start: int) -> tuple[list[dict[str, Any]], bool]:
-    """Feeds prefetched batches to the steps. Returns (history, stopped early)."""
+def _loop(run: _Run, state: TrainState) -> tuple[TrainState, list[dict[str, Any]], bool]:
+    """Feeds prefetched batches to the steps. Returns (final state, history, stopped early)."""
     tc = run.tc
+    start = int(jax.device_get(state.step))
     end = min(tc.num_steps, tc.stop_at_step or tc.num_steps)
     # A background thread prepares the next batches (numpy only) while the device computes.
     batches = run.dataset.iter_batches(
@@ -178,22 +203,24 @@ def _loop(run: _Run, start: int) -> tuple[list[dict[str, Any]], bool]:
         prefetch=2,
     )
     try:
-        history, stopped = _steps(run, batches, start, end)
+        state, history, stopped = _steps(run, state, batches, start, end)
     finally:
         if hasattr(batches, "close"):
             batches.close()
-    return history, stopped or end < tc.num_steps
+    return state, history, stopped or end < tc.num_steps
 
 
-def _steps(run: _Run, batches: Any, start: int, end: int) -> tuple[list[dict[str, Any]], bool]:
+def _steps(
+    run: _Run, state: TrainState, batches: Any, start: int, end: int
+) -> tuple[TrainState, list[dict[str, Any]], bool]:
     """The step loop: one host sync per log point, checkpoints, samples, and the stop check."""
-    setup, tc = run.setup, run.tc
+    p, tc = run.plan, run.tc
     history: list[dict[str, Any]] = []
     pending: list[dict[str, jax.Array]] = []  # device arrays: no sync until the log point
     last_save = time.monotonic()
     for step, local in zip(range(start, end), batches, strict=True):
         t0 = time.perf_counter()
-        setup.state, metrics = setup.step_fn(setup.state, to_global(local, setup.mesh))
+        state, metrics = p.step_fn(state, to_global(local, p.mesh))
         pending.append(metrics)
         done = step + 1
         if step == start and done < end:  # one sync, once: compile time apart from tokens/s
@@ -202,21 +229,21 @@ def _steps(run: _Run, batches: Any, start: int, end: int) -> tuple[list[dict[str
         timed_save = False
         eval_due = _eval_due(run.dataset, tc, done, end)
         if done % tc.log_every == 0 or done == end or eval_due:
-            extra = evaluate(setup, run.dataset.validation, tc) if eval_due else {}
-            history.append(_log(run.logger, pending, done, setup.schedule, extra))
+            extra = evaluate(p, state.params, run.dataset.validation, tc) if eval_due else {}
+            history.append(_log(run.logger, pending, done, p.schedule, extra))
             pending = []
             timed_save = _time_to_save(tc, last_save)
         if done < end and (timed_save or (tc.save_every and done % tc.save_every == 0)):
             _check_finite(pending, done)  # never checkpoint a NaN state
-            _save(run.ckpt, done, setup.state, tc.seed)
+            _save(run.ckpt, done, state, tc.seed)
             last_save = time.monotonic()
         if run.sample_fn is not None and tc.generate_every and done % tc.generate_every == 0:
-            texts = run.sample_fn(setup.state.params, done)  # every process: the sampler is a collective
+            texts = run.sample_fn(state.params, done)  # every process: the sampler is a collective
             run.logger.write(append_samples(run.logger.output_dir, done, texts))
         if done < end and run.stop.should_stop(done):
             _check_finite(pending, done)
-            return history, True
-    return history, False
+            return state, history, True
+    return state, history, False
 
 
 def _eval_due(dataset: Any, tc: TrainConfig, done: int, end: int) -> bool:
@@ -225,7 +252,7 @@ def _eval_due(dataset: Any, tc: TrainConfig, done: int, end: int) -> bool:
     return done % tc.eval_every == 0 or done == end
 
 
-def evaluate(setup: Setup, validation: Any, tc: TrainConfig) -> dict[str, float]:
+def evaluate(p: Plan, params: Any, validation: Any, tc: TrainConfig) -> dict[str, float]:
     """Mean loss over the validation batches (every real token weighs the same) and its perplexity."""
     total, count = 0.0, 0.0
     for local in validation.eval_batches(
@@ -234,7 +261,7 @@ def evaluate(setup: Setup, validation: Any, tc: TrainConfig) -> dict[str, float]
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     ):
-        s, n = jax.device_get(setup.eval_fn(setup.state.params, to_global(local, setup.mesh)))
+        s, n = jax.device_get(p.eval_fn(params, to_global(local, p.mesh)))
         total, count = total + float(s), count + float(n)
     loss = total / max(count, 1.0)
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}

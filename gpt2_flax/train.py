@@ -1,8 +1,9 @@
 """The optimizer, the pure jitted train step, and its setup on a mesh (the loop is in loop.py).
 
 ``train_step(state, batch) -> (state, metrics)`` is a pure function jitted once with explicit
-shardings and the old state donated. `plan` builds it for any (even abstract) model state;
-`build` places a concrete model's parameters and a fresh optimizer state on the mesh.
+shardings and the old state donated. `plan` builds it (a frozen `Plan`: no state inside) for any,
+even abstract, model state; `init_state` makes step 0's `TrainState` of a concrete model, and the
+loop (or a checkpoint restore) threads that value from there.
 """
 
 from __future__ import annotations
@@ -141,13 +142,13 @@ def eval_sums(graphdef: Any, params: Any, batch: dict[str, jax.Array]) -> tuple[
 # ----------------------------------------------------------------------------- setup
 
 
-@dataclass
-class Setup:
-    """Everything the loop needs, built once. `state` is None in a plan that is only compiled."""
+@dataclass(frozen=True)
+class Plan:
+    """Everything about a run but its state, built once: the state is a value the loop threads
+    (`state, metrics = plan.step_fn(state, batch)`), never a field of this."""
 
     mesh: Mesh
     graphdef: Any
-    state: TrainState | None
     state_shardings: TrainState
     abstract_state: TrainState  # ShapeDtypeStructs with shardings: the jit and Orbax restore target
     step_fn: Callable[..., Any]
@@ -175,7 +176,7 @@ def check_layout(cfg: Config, mesh: Mesh) -> None:
         )
 
 
-def plan(graphdef: Any, model_state: nnx.State, cfg: Config, mesh: Mesh) -> Setup:
+def plan(graphdef: Any, model_state: nnx.State, cfg: Config, mesh: Mesh) -> Plan:
     """Shardings and the jitted step for a model state that may be abstract (jax.ShapeDtypeStruct
     leaves: nothing is allocated, e.g. to compile for a TPU slice this machine does not have)."""
     check_layout(cfg, mesh)
@@ -221,21 +222,23 @@ def plan(graphdef: Any, model_state: nnx.State, cfg: Config, mesh: Mesh) -> Setu
         in_shardings=(shardings.params, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )
-    return Setup(mesh, graphdef, None, shardings, abstract, step_fn, eval_fn, lr_schedule(cfg.train), tx)
+    return Plan(mesh, graphdef, shardings, abstract, step_fn, eval_fn, lr_schedule(cfg.train), tx)
 
 
-def build(model: GPT2LMHeadModel, cfg: Config, mesh: Mesh | None = None) -> Setup:
-    """`plan` for a concrete model, with its parameters and a fresh optimizer state placed on the mesh."""
-    mesh = mesh or make_mesh(cfg.mesh)
+def build(model: GPT2LMHeadModel, cfg: Config, mesh: Mesh | None = None) -> Plan:
+    """`plan` for a concrete model on `mesh` (default: cfg.mesh over every device)."""
     graphdef, model_state = nnx.split(model)
-    setup = plan(graphdef, model_state, cfg, mesh)
+    return plan(graphdef, model_state, cfg, mesh or make_mesh(cfg.mesh))
+
+
+def init_state(p: Plan, model: GPT2LMHeadModel) -> TrainState:
+    """Step 0: the model's parameters and a fresh optimizer state, placed on the plan's mesh."""
     # A copy, not device_put: the step donates its input buffers, and the model's own arrays must
     # survive a run that stops with an error (ai.model stays usable).
-    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=setup.state_shardings.params)
-    params = copy(nnx.to_pure_dict(model_state))
-    opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)
-    setup.state = TrainState(jax.device_put(jnp.int32(0), replicated(mesh)), params, opt_state)
-    return setup
+    copy = jax.jit(lambda x: jax.tree.map(jnp.copy, x), out_shardings=p.state_shardings.params)
+    params = copy(nnx.to_pure_dict(nnx.state(model)))
+    opt_state = jax.jit(p.tx.init, out_shardings=p.state_shardings.opt_state)(params)
+    return TrainState(jax.device_put(jnp.int32(0), p.state_shardings.step), params, opt_state)
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

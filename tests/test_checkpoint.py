@@ -248,19 +248,19 @@ def _restore_logits(run: Path, mesh: dict[str, int], ids: np.ndarray) -> np.ndar
     from flax import nnx
 
     from gpt2_flax.config import config_from_dict
-    from gpt2_flax.loop import maybe_resume
+    from gpt2_flax.loop import restore
     from gpt2_flax.model import GPT2LMHeadModel
     from gpt2_flax.train import build
 
     cfg = config_from_dict(json.loads((run / "run.json").read_text())["config"])
     cfg = config_from_dict({**cfg.to_dict(), "mesh": mesh})
     model = GPT2LMHeadModel(cfg.model)
-    setup = build(model, cfg)
-    step = maybe_resume(setup, Checkpointer(run / "checkpoints"))
-    assert step > 0
-    leaf = setup.state.params["h"]["mlp"]["c_fc"]["kernel"]
+    plan = build(model, cfg)
+    state = restore(plan, Checkpointer(run / "checkpoints"))
+    assert state is not None and int(state.step) > 0
+    leaf = state.params["h"]["mlp"]["c_fc"]["kernel"]
     assert tuple(leaf.sharding.spec) == (None, "fsdp", "tensor")  # restored onto THIS mesh's layout
-    return np.asarray(nnx.merge(setup.graphdef, setup.state.params)(ids))
+    return np.asarray(nnx.merge(plan.graphdef, state.params)(ids))
 
 
 def _export_logits(run: Path, tmp: Path, ids: np.ndarray) -> np.ndarray:

@@ -120,7 +120,7 @@ def test_two_processes_match_one_device(workdir: Path, reference: tuple) -> None
 def test_parameter_and_optimizer_shardings_follow_the_rules() -> None:
 
     from gpt2_flax.model import build_gpt2_config
-    from gpt2_flax.train import build
+    from gpt2_flax.train import build, init_state
 
     cfg = load_config(
         None,
@@ -129,15 +129,16 @@ def test_parameter_and_optimizer_shardings_follow_the_rules() -> None:
         train={"batch_size": 8},
     )
     g = build_gpt2_config(300, 16, 0.0, 32, 2, 4)
-    setup = build(new_model(g), cfg)
-    p = setup.state.params
+    model = new_model(g)
+    state = init_state(build(model, cfg), model)
+    p = state.params
     spec = lambda x: tuple(x.sharding.spec)  # noqa: E731
     assert spec(p["h"]["attn"]["c_attn"]["kernel"]) == (None, "fsdp", "tensor")  # (L, embed, qkv)
     assert spec(p["h"]["mlp"]["c_proj"]["kernel"]) == (None, "tensor", "fsdp")  # (L, mlp, embed)
     assert spec(p["wte"]["embedding"]) == ("tensor", "fsdp")  # (vocab, embed)
     assert spec(p["ln_f"]["scale"]) in ((None,), ())
     # Adam's moments shard exactly like their parameters (ZeRO-3 with fsdp).
-    mu = setup.state.opt_state[1][0].mu
+    mu = state.opt_state[1][0].mu
     assert spec(mu["h"]["attn"]["c_attn"]["kernel"]) == (None, "fsdp", "tensor")
     assert spec(mu["wte"]["embedding"]) == ("tensor", "fsdp")
     shard = p["h"]["mlp"]["c_fc"]["kernel"].addressable_shards[0].data.shape

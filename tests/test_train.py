@@ -19,7 +19,7 @@ from helpers import new_model, small_config
 from gpt2_flax import GPT2
 from gpt2_flax.checkpoint import TrainingError
 from gpt2_flax.config import Config, DataConfig, ModelConfig, TrainConfig
-from gpt2_flax.train import build, lr_schedule, make_optimizer, to_global
+from gpt2_flax.train import build, init_state, lr_schedule, make_optimizer, to_global
 
 BLOCK = 32
 
@@ -63,15 +63,16 @@ def _build(vocab_size: int, accum: int, batch_size: int = 32):
         train=TrainConfig(batch_size=batch_size, grad_accum_steps=accum, num_steps=10, warmup_steps=0),
     )
     model = new_model(small_config(vocab_size))
-    return build(model, cfg)
+    plan = build(model, cfg)
+    return plan, init_state(plan, model)
 
 
 def test_grad_accumulation_equals_one_big_batch(dataset, vocab_size: int) -> None:
     results = {}
     for accum in (1, 4):
-        setup = _build(vocab_size, accum)
+        setup, state = _build(vocab_size, accum)
         assert setup.mesh.size == 8  # the global batch of 32 rows is split over 8 devices
-        state, losses = setup.state, []
+        losses = []
         for step in range(3):
             batch = to_global(dataset.get_batch(step, 32, seed=0), setup.mesh)
             state, metrics = setup.step_fn(state, batch)

@@ -6,7 +6,7 @@ import resource
 from gpt2_flax.config import config_from_dict
 from gpt2_flax.host import tune_allocator
 from gpt2_flax.model import GPT2LMHeadModel
-from gpt2_flax.train import build, to_global
+from gpt2_flax.train import build, init_state, to_global
 
 
 def main() -> None:
@@ -27,12 +27,13 @@ def main() -> None:
             "mesh": {"data": 1},
         }
     )
-    setup = build(GPT2LMHeadModel(cfg.model), cfg)
+    model = GPT2LMHeadModel(cfg.model)
+    setup = build(model, cfg)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 512, (32, 65)).astype(np.int32)
     batch = to_global({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, setup.mesh)
-    temp = setup.step_fn.lower(setup.state, batch).compile().memory_analysis().temp_size_in_bytes
-    state = setup.state
+    state = init_state(setup, model)
+    temp = setup.step_fn.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
     for _ in range(3):
         state, metrics = setup.step_fn(state, batch)
         metrics["loss"].block_until_ready()
