@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-import gpt2_flax.token_cache as token_cache
-from gpt2_flax.data import PackedBlocks, TokenDataset, default_cache_dir, iter_pieces
+import gpt2_flax.data.cache as token_cache
+from gpt2_flax.data import TokenDataset
+from gpt2_flax.data.cache import default_cache_dir
+from gpt2_flax.data.rows import PackedBlocks
+from gpt2_flax.data.sources import iter_pieces
 from gpt2_flax.tokenizer import EOS, load_tokenizer, train_tokenizer
 
 WORDS = "the cat sat on a mat, don't stop! héllo 日本語 🙂 42 x=1;".split()
@@ -246,7 +249,7 @@ def test_bad_inputs(tok: Tokenizer, tmp_path: Path, counting: PackedBlocks) -> N
 
 
 def test_packed_rows_exact_layout() -> None:
-    from gpt2_flax.data import DocumentBlocks
+    from gpt2_flax.data.packing import DocumentBlocks
 
     tokens = np.arange(100, dtype=np.uint16)  # token i == i: a row shows where each token came from
     blocks = DocumentBlocks(tokens, np.array([0, 3, 8, 10, 14]), block_size=8)  # docs of 3, 5, 2, 4
@@ -263,7 +266,7 @@ def test_packed_rows_exact_layout() -> None:
 
 
 def test_long_documents_split_or_truncate() -> None:
-    from gpt2_flax.data import DocumentBlocks, document_pieces
+    from gpt2_flax.data.packing import DocumentBlocks, document_pieces
 
     offsets = np.array([0, 12, 15])  # docs of 12 and 3 tokens, block_size 5
     starts, lengths = document_pieces(offsets, None, 5, "split")
@@ -289,7 +292,7 @@ def test_packed_documents_never_attend_across(tok: Tokenizer) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from gpt2_flax.data import DocumentBlocks
+    from gpt2_flax.data.packing import DocumentBlocks
     from gpt2_flax.model import GPT2LMHeadModel, build_gpt2_config
 
     block = 16
@@ -432,7 +435,7 @@ def test_merge_line_by_line_with_concatenated(tok: Tokenizer, tmp_path: Path) ->
 
 
 def test_prefetch_matches_and_propagates_errors(counting: PackedBlocks) -> None:
-    from gpt2_flax.data import prefetch
+    from gpt2_flax.data.rows import prefetch
 
     plain = list(counting.iter_batches(4, seed=2, start_step=3, num_steps=20))
     ahead = list(counting.iter_batches(4, seed=2, start_step=3, num_steps=20, prefetch=3))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-import gpt2_flax.token_cache as token_cache
+import gpt2_flax.data.cache as token_cache
 from gpt2_flax.data import TokenDataset, encode_main
 from gpt2_flax.tokenizer import EOS, load_tokenizer, train_tokenizer
 

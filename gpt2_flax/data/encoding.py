@@ -3,7 +3,7 @@
 Text files arrive as work items (path, byte range) that each worker reads and encodes itself; row
 sources (CSV / JSONL / Parquet / lists / datasets) are encoded in batches of ~1 MB of text. Each map
 call returns one row holding the token ids of its whole batch (plus document lengths and count), and
-`encode_stream` appends those rows, in source order, to tokens.bin and lengths.bin; token_cache.py
+`encode_stream` appends those rows, in source order, to tokens.bin and lengths.bin; cache.py
 turns that folder into a cache entry.
 """
 
@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gpt2_flax.errors import DataError
-from gpt2_flax.sources import (
+from gpt2_flax.data.sources import (
     Source,
     check_file,
     check_records,
@@ -31,6 +30,7 @@ from gpt2_flax.sources import (
     row_column,
     scan_text_file,
 )
+from gpt2_flax.errors import DataError
 
 # ----------------------------------------------------------------------------- datasets.map encoders
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gpt2_flax.blocks import Blocks
+from gpt2_flax.data.rows import Blocks
 from gpt2_flax.errors import DataError
 
 logger = logging.getLogger(__name__)

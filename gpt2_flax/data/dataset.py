@@ -1,6 +1,6 @@
 """Token datasets: encode text once into a cached token file, then serve training batches from it.
 
-Encoding (token_cache.py; sources.py reads the inputs): every document becomes its token ids followed by
+Encoding (cache.py; sources.py reads the inputs): every document becomes its token ids followed by
 `<|endoftext|>` (line_by_line: `<|endoftext|> text <|endoftext|>`), all concatenated into one token file
 (uint16 when the vocab has < 65536 entries, else uint32) plus JSON metadata, in a cache folder keyed by
 the tokenizer, the inputs and the options. The file is memory-mapped, so corpora larger than RAM work
@@ -13,11 +13,8 @@ Batches are a pure function of (seed, step, process index), so resuming needs on
   document; labels are the next token of the same document and -1 elsewhere, so with the model's
   `segment_ids` / `positions` nothing is attended to or predicted across documents.
 
-The pieces, in the order text flows through them: sources.py (reading inputs, text hygiene),
-encode.py (the datasets.map encoders), token_cache.py (the cache folder, encode_main), blocks.py
-(batch addressing, PackedBlocks, prefetch), packing.py (line_by_line rows, DocumentBlocks), and
-this module: TokenDataset and merge_datasets, the datasets users build. Every name of those
-modules that was importable from here before the split still is.
+This module holds TokenDataset and merge_datasets, the datasets users build; the modules before
+it in the flow are listed in the package docstring (gpt2_flax/data/__init__.py).
 """
 
 from __future__ import annotations
@@ -29,32 +26,12 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from gpt2_flax.blocks import EVAL_SEED, Blocks, PackedBlocks, _rows_per_process, prefetch
-from gpt2_flax.encode import EncodeOptions as EncodeOptions
-from gpt2_flax.encode import EncodeSettings as EncodeSettings
-from gpt2_flax.encode import encode_stream as encode_stream
+from gpt2_flax.data.cache import encode_sources, read_cache, save_cache_folder
+from gpt2_flax.data.packing import DocumentBlocks
+from gpt2_flax.data.rows import EVAL_SEED, Blocks, PackedBlocks, _rows_per_process
+from gpt2_flax.data.sources import PathLike
 from gpt2_flax.errors import DataError
-from gpt2_flax.packing import DocumentBlocks
-from gpt2_flax.packing import document_pieces as document_pieces
-from gpt2_flax.packing import pack_rows as pack_rows
-from gpt2_flax.sources import iter_pieces
-from gpt2_flax.sources import resolve_sources as resolve_sources
-from gpt2_flax.token_cache import CACHE_VERSION as CACHE_VERSION
-from gpt2_flax.token_cache import CHUNK_CHARS as CHUNK_CHARS  # read in token_cache: patch it there
-from gpt2_flax.token_cache import PIECE_CHARS as PIECE_CHARS  # read in token_cache: patch it there
-from gpt2_flax.token_cache import build_token_cache as build_token_cache
-from gpt2_flax.token_cache import (
-    default_cache_dir,
-    encode_main,
-    encode_sources,
-    read_cache,
-    save_cache_folder,
-)
-from gpt2_flax.tokenizer import PathLike, eos_token_id, load_tokenizer, tokenizer_fingerprint
-
-__all__ = ["TokenDataset", "Blocks", "PackedBlocks", "DocumentBlocks", "MergedDataset", "merge_datasets"]
-__all__ += ["prefetch", "encode_main", "encode_sources", "save_cache_folder", "default_cache_dir"]
-__all__ += ["iter_pieces"]  # re-exported: the exact chunking lives in sources.py
+from gpt2_flax.tokenizer import eos_token_id, load_tokenizer, tokenizer_fingerprint
 
 # ----------------------------------------------------------------------------- the dataset
 

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from gpt2_flax.encode import EncodeOptions, EncodeSettings, encode_stream
+from gpt2_flax.data.encoding import EncodeOptions, EncodeSettings, encode_stream
+from gpt2_flax.data.sources import PathLike, resolve_sources
 from gpt2_flax.errors import DataError
-from gpt2_flax.sources import resolve_sources
-from gpt2_flax.tokenizer import PathLike, eos_token_id, load_tokenizer, tokenizer_fingerprint
+from gpt2_flax.tokenizer import eos_token_id, load_tokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
