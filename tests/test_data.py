@@ -338,7 +338,7 @@ def test_line_by_line_batches_resume_and_process_slices(tok: Tokenizer, tmp_path
     for key in full[6]:
         np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[6][key])
     # One epoch of rows holds every document exactly once.
-    rows = ds._gather(np.arange(ds.num_blocks))
+    rows = ds.rows._gather(np.arange(ds.num_blocks))
     starts = rows["input_ids"][(rows["positions"] == 0) & (rows["segment_ids"] > 0)]
     assert (starts == ds.eos_token_id).sum() == ds.num_documents == sum(1 for t in texts if t.strip())
     assert int((rows["segment_ids"] > 0).sum()) == ds.num_tokens
@@ -353,14 +353,14 @@ def test_validation_split_is_disjoint_and_eval_batches_are_fixed(tok: Tokenizer,
     train = TokenDataset(texts=texts, tokenizer=tok, block_size=8, cache_dir=tmp_path, validation_split=0.1)
     val = train.validation
     assert val.num_blocks == round(0.1 * full.num_blocks)
-    train_ids, val_ids = set(train._blocks.block_ids.tolist()), set(val.block_ids.tolist())
+    train_ids, val_ids = set(train.rows.block_ids.tolist()), set(val.rows.block_ids.tolist())
     assert not train_ids & val_ids and train_ids | val_ids == set(range(full.num_blocks))
     # Training rows are windows of training blocks only.
     samples = np.arange(3 * train.num_blocks)
-    blocks = train._blocks.block_ids[train.blocks_for(samples, seed=4)]
+    blocks = train.rows.block_ids[train.rows.blocks_for(samples, seed=4)]
     assert set(blocks.tolist()) == train_ids
     np.testing.assert_array_equal(
-        train.get_batch(1, 8, seed=4)["input_ids"], full._gather(blocks[8:16])["input_ids"]
+        train.get_batch(1, 8, seed=4)["input_ids"], full.rows._gather(blocks[8:16])["input_ids"]
     )
     # eval_batches: every validation block once, in a fixed order, padded with labels -1.
     batches = list(val.eval_batches(batch_size=8))
@@ -369,7 +369,7 @@ def test_validation_split_is_disjoint_and_eval_batches_are_fixed(tok: Tokenizer,
     assert (labels[val.num_blocks :] == -1).all() and (labels[: val.num_blocks] >= 0).all()
     firsts = np.concatenate([b["input_ids"] for b in batches])[: val.num_blocks]
     np.testing.assert_array_equal(
-        np.sort(firsts, axis=0), np.sort(full._gather(val.block_ids)["input_ids"], axis=0)
+        np.sort(firsts, axis=0), np.sort(full.rows._gather(val.rows.block_ids)["input_ids"], axis=0)
     )
     again = list(val.eval_batches(batch_size=8, num_batches=1, process_index=1, process_count=2))
     assert len(again) == 1
@@ -379,8 +379,8 @@ def test_validation_split_is_disjoint_and_eval_batches_are_fixed(tok: Tokenizer,
     lines = TokenDataset(texts=docs, tokenizer=tok, block_size=64, cache_dir=tmp_path, line_by_line=True,
                          validation_split=0.2)  # fmt: skip
     starts = {int(s) for s in np.load(lines.cache_entry / "doc_offsets.npy")[:-1]}
-    train_docs = set(np.asarray(lines._blocks.piece_start).tolist()) & starts
-    val_docs = set(np.asarray(lines.validation.piece_start).tolist()) & starts
+    train_docs = set(np.asarray(lines.rows.piece_start).tolist()) & starts
+    val_docs = set(np.asarray(lines.validation.rows.piece_start).tolist()) & starts
     assert len(val_docs) == 8 and not train_docs & val_docs and train_docs | val_docs == starts
 
 

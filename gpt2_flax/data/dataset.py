@@ -19,6 +19,7 @@ it in the flow are listed in the package docstring (gpt2_flax/data/__init__.py).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,51 @@ from tokenizers import Tokenizer
 
 from gpt2_flax.data.cache import encode_sources, read_cache, save_cache_folder
 from gpt2_flax.data.packing import DocumentBlocks
-from gpt2_flax.data.rows import EVAL_SEED, Blocks, PackedBlocks, _rows_per_process
+from gpt2_flax.data.rows import Blocks, MixedBlocks, PackedBlocks
 from gpt2_flax.data.sources import PathLike
 from gpt2_flax.errors import DataError
 from gpt2_flax.tokenizer import eos_token_id, load_tokenizer, tokenizer_fingerprint
+
+# ----------------------------------------------------------------------------- what training reads
+
+
+class _Dataset:
+    """A dataset's batches, served by its `rows` (rows.py: which rows make up each process's part of
+    each step's batch, and how a row is gathered); `validation` is a dataset of the same kind, or None."""
+
+    rows: Blocks
+    validation: Any
+
+    @property
+    def block_size(self) -> int:
+        return self.rows.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        """Training rows of block_size tokens; one epoch visits each once."""
+        return self.rows.num_blocks
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get_batch(
+        self, step: int, batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1
+    ) -> dict[str, np.ndarray]:
+        """This process's rows of global batch `step`: int32 arrays (rows, block_size), numpy only.
+
+        Keys: input_ids, labels (-1 = not trained); line_by_line adds segment_ids and positions.
+        """
+        return self.rows.get_batch(step, batch_size, seed, process_index, process_count)
+
+    # Blocks' own iter_batches: steps -> self.get_batch, so a get_batch patched on this dataset is used.
+    iter_batches = Blocks.iter_batches
+
+    def eval_batches(
+        self, batch_size: int, num_batches: int | None = None, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Fixed evaluation batches over every row, in one fixed order (padding rows have labels -1)."""
+        return self.rows.eval_batches(batch_size, num_batches, process_index, process_count)
+
 
 # ----------------------------------------------------------------------------- the dataset
 
@@ -54,7 +96,7 @@ def _holdout(n: int, fraction: float, what: str) -> tuple[np.ndarray | None, np.
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-class TokenDataset(Blocks):
+class TokenDataset(_Dataset):
     """Training text encoded once into a cached token file, served as batches (see the module doc).
 
     file_or_files: text files, folders or globs (one document per file); .csv / .jsonl / .parquet files
@@ -66,7 +108,8 @@ class TokenDataset(Blocks):
     into rows without crossing (see DocumentBlocks); long_documents="split" | "truncate" for documents
     longer than block_size. encoding_errors="strict" | "replace" for invalid UTF-8. validation_split
     holds out a fixed fraction of blocks (line_by_line: documents); validation_files encodes separate
-    files; either gives `self.validation`, a dataset with get_batch and eval_batches. num_proc: worker
+    files; either gives `self.validation`, a TokenDataset of the held-out rows or of those files (else
+    None). Batches come from `self.rows` (PackedBlocks, or DocumentBlocks for line_by_line). num_proc: worker
     processes for encoding; progress: show progress bars while encoding. A CSV row with another
     number of fields than its header, a JSONL line that is not JSON or lacks the text field, or an
     empty text is a DataError naming the file and line; skip_bad_records=True skips them with a
@@ -135,26 +178,27 @@ class TokenDataset(Blocks):
         self.line_by_line = bool(meta["options"]["line_by_line"])
         self.tokens = np.memmap(self.cache_path, dtype=np.dtype(meta["dtype"]), mode="r")
         self.num_tokens = int(self.tokens.shape[0])
-        self.validation: Any = None
+        self.validation: TokenDataset | None = None
         if self.line_by_line:
             offsets = np.load(entry / "doc_offsets.npy", mmap_mode="r")
             train, val = _holdout(self.num_documents, validation_split, "documents")
             stem = entry / f"pack1-b{block_size}-{long_documents}-v{validation_split}"  # 1: packing version
             args = (self.tokens, offsets, block_size)
-            blocks: Blocks = DocumentBlocks(*args, train, long_documents, Path(f"{stem}-train"))
+            self.rows = DocumentBlocks(*args, train, long_documents, Path(f"{stem}-train"))
             if val is not None:
-                self.validation = DocumentBlocks(*args, val, long_documents, Path(f"{stem}-val"))
+                self.validation = self._view(DocumentBlocks(*args, val, long_documents, Path(f"{stem}-val")))
         else:
             total = PackedBlocks(self.tokens, block_size, name).num_blocks  # raises if too few tokens
             train, val = _holdout(total, validation_split, "blocks")
-            blocks = PackedBlocks(self.tokens, block_size, name, train)
+            self.rows = PackedBlocks(self.tokens, block_size, name, train)
             if val is not None:
-                self.validation = PackedBlocks(self.tokens, block_size, name, val)
-        self._blocks = blocks
-        super().__init__(blocks.num_blocks, block_size)
+                self.validation = self._view(PackedBlocks(self.tokens, block_size, name, val))
 
-    def _gather(self, blocks: np.ndarray) -> dict[str, np.ndarray]:
-        return self._blocks._gather(blocks)
+    def _view(self, rows: Blocks) -> TokenDataset:
+        """This dataset served from other rows of its token file, without a validation set of its own."""
+        view = copy.copy(self)
+        view.rows, view.validation = rows, None
+        return view
 
     def save_cache(self, path: PathLike) -> Path:
         """Copy the encoded tokens, metadata and tokenizer into a new folder `path`;
@@ -215,55 +259,21 @@ class TokenDataset(Blocks):
 # ----------------------------------------------------------------------------- mixing
 
 
-class MergedDataset(Blocks):
+class MergedDataset(_Dataset):
     """Rows sampled from several datasets with fixed probabilities; see merge_datasets."""
 
-    def __init__(self, datasets: Sequence[Blocks], weights: np.ndarray) -> None:
+    def __init__(self, datasets: Sequence[_Dataset | Blocks], weights: np.ndarray) -> None:
         self.datasets, self.weights = list(datasets), weights
+        self.rows = MixedBlocks([d.rows if isinstance(d, _Dataset) else d for d in self.datasets], weights)
         first = self.datasets[0]
-        super().__init__(sum(d.num_blocks for d in self.datasets), first.block_size)
         for name in ("tokenizer", "vocab_size", "eos_token_id"):
             setattr(self, name, getattr(first, name, None))
         vals = [getattr(d, "validation", None) for d in self.datasets]
         self.validation = MergedDataset(vals, weights) if all(v is not None for v in vals) else None
 
-    def get_batch(
-        self, step: int, batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1
-    ) -> dict[str, np.ndarray]:
-        """Each row of global batch `step` comes from dataset k with probability weights[k] (a pure
-        function of (seed, step)); that dataset serves its own sample j = step*batch_size + row."""
-        rows = _rows_per_process(batch_size, process_index, process_count)
-        if step < 0 or seed < 0:
-            raise DataError(f"step ({step}) and seed ({seed}) must be >= 0.")
-        rng = np.random.default_rng([seed, step, len(self.datasets)])
-        which = rng.choice(len(self.datasets), size=batch_size, p=self.weights)
-        first = process_index * rows
-        which = which[first : first + rows]
-        samples = step * batch_size + first + np.arange(rows, dtype=np.int64)
-        parts = {}
-        for k, ds in enumerate(self.datasets):
-            if (sel := np.flatnonzero(which == k)).size:
-                parts[k] = (sel, ds._gather(ds.blocks_for(samples[sel], seed)))
-        keys = {key for _, part in parts.values() for key in part}
-        out = {key: np.full((rows, self.block_size), -1 if key == "labels" else 0, np.int32) for key in keys}
-        for sel, part in parts.values():
-            part.setdefault("segment_ids", np.ones_like(part["input_ids"]))  # concatenated rows: one segment
-            part.setdefault("positions", np.broadcast_to(np.arange(self.block_size), part["input_ids"].shape))
-            for key in keys:
-                out[key][sel] = part[key]
-        return out
-
-    def eval_batches(
-        self, batch_size: int, num_batches: int | None = None, process_index: int = 0, process_count: int = 1
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """Fixed sampled batches (seed EVAL_SEED); num_batches defaults to one pass over all blocks."""
-        _rows_per_process(batch_size, process_index, process_count)
-        count = -(-self.num_blocks // batch_size) if num_batches is None else num_batches
-        return (self.get_batch(s, batch_size, EVAL_SEED, process_index, process_count) for s in range(count))
-
 
 def merge_datasets(
-    datasets: Sequence[Blocks], weights: Sequence[float] | None = None, equalize: bool = False
+    datasets: Sequence[_Dataset | Blocks], weights: Sequence[float] | None = None, equalize: bool = False
 ) -> MergedDataset:
     """One dataset whose rows come from `datasets` with probabilities `weights` (normalised), or equal
     ones with equalize=True; default: proportional to size. Sampling, never truncation: every block of

@@ -1,5 +1,6 @@
-"""Batches as a pure function of (seed, step, process index): the Blocks base class and its simplest
-layout, PackedBlocks (concatenated mode), plus `prefetch` to compute batches ahead in a thread.
+"""Batches as a pure function of (seed, step, process index): the Blocks base class, its simplest
+layout PackedBlocks (concatenated mode), MixedBlocks (rows sampled from several, for merge_datasets),
+plus `prefetch` to compute batches ahead in a thread.
 
 A dataset is a numbered list of training rows ("blocks"); subclasses say how to gather rows, Blocks
 says which rows make up each process's part of each step's batch, so resuming needs only the step.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -166,6 +167,48 @@ class PackedBlocks(Blocks):
         offsets = blocks[:, None] * self.block_size + np.arange(self.block_size + 1)
         windows = np.asarray(self.tokens[offsets], dtype=np.int32)
         return {"input_ids": windows[:, :-1].copy(), "labels": windows[:, 1:].copy()}  # C-contiguous
+
+
+class MixedBlocks(Blocks):
+    """Rows sampled from several Blocks with fixed probabilities `weights` (merge_datasets)."""
+
+    def __init__(self, parts: Sequence[Blocks], weights: np.ndarray) -> None:
+        self.parts, self.weights = list(parts), weights
+        super().__init__(sum(p.num_blocks for p in self.parts), self.parts[0].block_size)
+
+    def get_batch(
+        self, step: int, batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1
+    ) -> dict[str, np.ndarray]:
+        """Each row of global batch `step` comes from part k with probability weights[k] (a pure
+        function of (seed, step)); that part serves its own sample j = step*batch_size + row."""
+        rows = _rows_per_process(batch_size, process_index, process_count)
+        if step < 0 or seed < 0:
+            raise DataError(f"step ({step}) and seed ({seed}) must be >= 0.")
+        rng = np.random.default_rng([seed, step, len(self.parts)])
+        which = rng.choice(len(self.parts), size=batch_size, p=self.weights)
+        first = process_index * rows
+        which = which[first : first + rows]
+        samples = step * batch_size + first + np.arange(rows, dtype=np.int64)
+        gathered = {}
+        for k, part in enumerate(self.parts):
+            if (sel := np.flatnonzero(which == k)).size:
+                gathered[k] = (sel, part._gather(part.blocks_for(samples[sel], seed)))
+        keys = {key for _, got in gathered.values() for key in got}
+        out = {key: np.full((rows, self.block_size), -1 if key == "labels" else 0, np.int32) for key in keys}
+        for sel, got in gathered.values():
+            got.setdefault("segment_ids", np.ones_like(got["input_ids"]))  # concatenated rows: one segment
+            got.setdefault("positions", np.broadcast_to(np.arange(self.block_size), got["input_ids"].shape))
+            for key in keys:
+                out[key][sel] = got[key]
+        return out
+
+    def eval_batches(
+        self, batch_size: int, num_batches: int | None = None, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Fixed sampled batches (seed EVAL_SEED); num_batches defaults to one pass over all blocks."""
+        _rows_per_process(batch_size, process_index, process_count)
+        count = -(-self.num_blocks // batch_size) if num_batches is None else num_batches
+        return (self.get_batch(s, batch_size, EVAL_SEED, process_index, process_count) for s in range(count))
 
 
 # ----------------------------------------------------------------------------- prefetch
