@@ -28,8 +28,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gpt2_flax.data.cache import encode_sources, read_cache, save_cache_folder
-from gpt2_flax.data.packing import DocumentBlocks
-from gpt2_flax.data.rows import Blocks, MixedBlocks, PackedBlocks
+from gpt2_flax.data.packing import DocumentRows
+from gpt2_flax.data.rows import MixedRows, PackedRows, Rows
 from gpt2_flax.data.sources import PathLike
 from gpt2_flax.errors import DataError
 from gpt2_flax.tokenizer import eos_token_id, load_tokenizer, tokenizer_fingerprint
@@ -41,7 +41,7 @@ class _Dataset:
     """A dataset's batches, served by its `rows` (rows.py: which rows make up each process's part of
     each step's batch, and how a row is gathered); `validation` is a dataset of the same kind, or None."""
 
-    rows: Blocks
+    rows: Rows
     validation: Any
 
     @property
@@ -50,8 +50,9 @@ class _Dataset:
 
     @property
     def num_blocks(self) -> int:
-        """Training rows of block_size tokens; one epoch visits each once."""
-        return self.rows.num_blocks
+        """Training rows of block_size tokens; one epoch visits each once. (The public name, like
+        block_size; inside gpt2_flax.data they are rows, and "block" is only a transformer layer.)"""
+        return self.rows.num_rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -65,8 +66,8 @@ class _Dataset:
         """
         return self.rows.get_batch(step, batch_size, seed, process_index, process_count)
 
-    # Blocks' own iter_batches: steps -> self.get_batch, so a get_batch patched on this dataset is used.
-    iter_batches = Blocks.iter_batches
+    # Rows' own iter_batches: steps -> self.get_batch, so a get_batch patched on this dataset is used.
+    iter_batches = Rows.iter_batches
 
     def eval_batches(
         self, batch_size: int, num_batches: int | None = None, process_index: int = 0, process_count: int = 1
@@ -77,7 +78,7 @@ class _Dataset:
 
 # ----------------------------------------------------------------------------- the dataset
 
-_SPLIT_SEED = 20240229  # which blocks / documents validation_split holds out: never the training seed
+_SPLIT_SEED = 20240229  # which rows / documents validation_split holds out: never the training seed
 
 
 def _holdout(n: int, fraction: float, what: str) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -105,11 +106,11 @@ class TokenDataset(_Dataset):
     one document each. The tokenizer comes from `tokenizer=` or tokenizer_file / vocab_file + merges_file.
 
     line_by_line: every line (text files; blank lines skipped) / row / string is a document, packed
-    into rows without crossing (see DocumentBlocks); long_documents="split" | "truncate" for documents
+    into rows without crossing (see DocumentRows); long_documents="split" | "truncate" for documents
     longer than block_size. encoding_errors="strict" | "replace" for invalid UTF-8. validation_split
-    holds out a fixed fraction of blocks (line_by_line: documents); validation_files encodes separate
+    holds out a fixed fraction of rows (line_by_line: documents); validation_files encodes separate
     files; either gives `self.validation`, a TokenDataset of the held-out rows or of those files (else
-    None). Batches come from `self.rows` (PackedBlocks, or DocumentBlocks for line_by_line). num_proc: worker
+    None). Batches come from `self.rows` (PackedRows, or DocumentRows for line_by_line). num_proc: worker
     processes for encoding; progress: show progress bars while encoding. A CSV row with another
     number of fields than its header, a JSONL line that is not JSON or lacks the text field, or an
     empty text is a DataError naming the file and line; skip_bad_records=True skips them with a
@@ -184,17 +185,17 @@ class TokenDataset(_Dataset):
             train, val = _holdout(self.num_documents, validation_split, "documents")
             stem = entry / f"pack1-b{block_size}-{long_documents}-v{validation_split}"  # 1: packing version
             args = (self.tokens, offsets, block_size)
-            self.rows = DocumentBlocks(*args, train, long_documents, Path(f"{stem}-train"))
+            self.rows = DocumentRows(*args, train, long_documents, Path(f"{stem}-train"))
             if val is not None:
-                self.validation = self._view(DocumentBlocks(*args, val, long_documents, Path(f"{stem}-val")))
+                self.validation = self._view(DocumentRows(*args, val, long_documents, Path(f"{stem}-val")))
         else:
-            total = PackedBlocks(self.tokens, block_size, name).num_blocks  # raises if too few tokens
-            train, val = _holdout(total, validation_split, "blocks")
-            self.rows = PackedBlocks(self.tokens, block_size, name, train)
+            total = PackedRows(self.tokens, block_size, name).num_rows  # raises if too few tokens
+            train, val = _holdout(total, validation_split, "blocks")  # "blocks", as in num_blocks
+            self.rows = PackedRows(self.tokens, block_size, name, train)
             if val is not None:
-                self.validation = self._view(PackedBlocks(self.tokens, block_size, name, val))
+                self.validation = self._view(PackedRows(self.tokens, block_size, name, val))
 
-    def _view(self, rows: Blocks) -> TokenDataset:
+    def _view(self, rows: Rows) -> TokenDataset:
         """This dataset served from other rows of its token file, without a validation set of its own."""
         view = copy.copy(self)
         view.rows, view.validation = rows, None
@@ -262,9 +263,9 @@ class TokenDataset(_Dataset):
 class MergedDataset(_Dataset):
     """Rows sampled from several datasets with fixed probabilities; see merge_datasets."""
 
-    def __init__(self, datasets: Sequence[_Dataset | Blocks], weights: np.ndarray) -> None:
+    def __init__(self, datasets: Sequence[_Dataset | Rows], weights: np.ndarray) -> None:
         self.datasets, self.weights = list(datasets), weights
-        self.rows = MixedBlocks([d.rows if isinstance(d, _Dataset) else d for d in self.datasets], weights)
+        self.rows = MixedRows([d.rows if isinstance(d, _Dataset) else d for d in self.datasets], weights)
         first = self.datasets[0]
         for name in ("tokenizer", "vocab_size", "eos_token_id"):
             setattr(self, name, getattr(first, name, None))
@@ -273,10 +274,10 @@ class MergedDataset(_Dataset):
 
 
 def merge_datasets(
-    datasets: Sequence[_Dataset | Blocks], weights: Sequence[float] | None = None, equalize: bool = False
+    datasets: Sequence[_Dataset | Rows], weights: Sequence[float] | None = None, equalize: bool = False
 ) -> MergedDataset:
     """One dataset whose rows come from `datasets` with probabilities `weights` (normalised), or equal
-    ones with equalize=True; default: proportional to size. Sampling, never truncation: every block of
+    ones with equalize=True; default: proportional to size. Sampling, never truncation: every row of
     every dataset stays reachable. All datasets need the same block_size and tokenizer."""
     datasets = list(datasets)
     if not datasets:
@@ -292,7 +293,7 @@ def merge_datasets(
         )
     if equalize:
         weights = [1.0] * len(datasets)
-    w = np.asarray([d.num_blocks for d in datasets] if weights is None else weights, dtype=np.float64)
+    w = np.asarray([len(d) for d in datasets] if weights is None else weights, dtype=np.float64)
     if w.shape != (len(datasets),) or (w < 0).any() or w.sum() <= 0:
         raise DataError(f"weights={list(w)} must be {len(datasets)} non-negative numbers, not all zero.")
     return MergedDataset(datasets, w / w.sum())

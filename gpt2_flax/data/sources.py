@@ -198,11 +198,11 @@ def check_file(src: Source) -> None:
 # ----------------------------------------------------------------------------- text files
 
 
-def _decode(decoder: codecs.IncrementalDecoder, block: bytes, offset: int, src: Source) -> str:
+def _decode(decoder: codecs.IncrementalDecoder, chunk: bytes, offset: int, src: Source) -> str:
     """Decode the file bytes that start at byte `offset` (b"" = end of file) with a clear error."""
     pending = len(decoder.getstate()[0])
     try:
-        return decoder.decode(block, final=not block)
+        return decoder.decode(chunk, final=not chunk)
     except UnicodeDecodeError as e:
         raise DataError(
             f"{src.name} is not valid UTF-8 (byte offset {offset - pending + e.start}: {e.reason}): re-save "
@@ -222,7 +222,7 @@ def scan_text_file(src: Source, every: int, lines: bool, encoding_errors: str) -
 
     A cut is right after a line break, at the first suitable break >= `every` bytes after the previous
     cut: any break when lines=True, else only one with non-whitespace on both sides, so the ranges
-    encode exactly like the whole file. Memory: one block of `every` bytes.
+    encode exactly like the whole file. Memory: one chunk of `every` bytes.
     """
     assert src.path is not None
     decoder = codecs.getincrementaldecoder("utf-8")(_errors(encoding_errors))
@@ -231,13 +231,13 @@ def scan_text_file(src: Source, every: int, lines: bool, encoding_errors: str) -
     buf, base = b"", 0  # buf holds the file's bytes [base, base + len(buf))
     with open(src.path, "rb") as f:
         while True:
-            block = f.read(min(max(every, 16), 1 << 20))
-            text = _decode(decoder, block, base + len(buf), src)
+            chunk = f.read(min(max(every, 16), 1 << 20))
+            text = _decode(decoder, chunk, base + len(buf), src)
             has_text = has_text or (bool(text) and not text.isspace())
-            buf += block
+            buf += chunk
             while (m := _NEWLINE.search(buf, max(search - base, 0))) is not None:
                 start, end = m.span()
-                if end + 4 > len(buf) and block:  # the next character may still be incomplete
+                if end + 4 > len(buf) and chunk:  # the next character may still be incomplete
                     search = base + start
                     break
                 if end < len(buf) and (lines or _surrounded(buf, start, end)):
@@ -249,7 +249,7 @@ def scan_text_file(src: Source, every: int, lines: bool, encoding_errors: str) -
                 search = max(search, base + len(buf))
             drop = max(0, min(search - base, len(buf)) - 4)  # keep 4 bytes before the search point
             buf, base = buf[drop:], base + drop
-            if not block:
+            if not chunk:
                 break
     if not has_text:
         raise DataError(f"{src.name} is empty or contains only whitespace: remove it or add text to it.")
