@@ -3,8 +3,8 @@
 Encoding (cache.py; sources.py reads the inputs): every document becomes its token ids followed by
 `<|endoftext|>` (line_by_line: `<|endoftext|> text <|endoftext|>`), all concatenated into one token file
 (uint16 when the vocab has < 65536 entries, else uint32) plus JSON metadata, in a cache folder keyed by
-the tokenizer, the inputs and the options. The file is memory-mapped, so corpora larger than RAM work
-and every process of a multi-host job can open the same cache.
+the tokenizer, the inputs and the token-changing encoding options. The file is memory-mapped, so
+corpora larger than RAM work and every process of a multi-host job can open the same cache.
 
 Batches are a pure function of (seed, step, process index), so resuming needs only the step number:
 - concatenated (default): windows of block_size + 1 tokens cut at multiples of block_size.
@@ -28,6 +28,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gpt2_flax.data.cache import encode_sources, read_cache, save_cache_folder
+from gpt2_flax.data.encoding import EncodingOptions
 from gpt2_flax.data.packing import DocumentRows
 from gpt2_flax.data.rows import MixedRows, PackedRows, Rows
 from gpt2_flax.data.sources import PathLike
@@ -107,18 +108,21 @@ class TokenDataset(_Dataset):
 
     line_by_line: every line (text files; blank lines skipped) / row / string is a document, packed
     into rows without crossing (see DocumentRows); long_documents="split" | "truncate" for documents
-    longer than block_size. encoding_errors="strict" | "replace" for invalid UTF-8. validation_split
-    holds out a fixed fraction of rows (line_by_line: documents); validation_files encodes separate
-    files; either gives `self.validation`, a TokenDataset of the held-out rows or of those files (else
-    None). Batches come from `self.rows` (PackedRows, or DocumentRows for line_by_line). num_proc: worker
+    longer than block_size. encoding_errors="strict" | "replace" for invalid UTF-8. num_proc: worker
     processes for encoding; progress: show progress bars while encoding. A CSV row with another
     number of fields than its header, a JSONL line that is not JSON or lacks the text field, or an
     empty text is a DataError naming the file and line; skip_bad_records=True skips them with a
-    warning instead.
+    warning instead. encoding: all of these encoding settings as one EncodingOptions (e.g.
+    DataConfig.encoding), instead of the separate keywords; `self.encoding` records the options used.
+
+    validation_split holds out a fixed fraction of rows (line_by_line: documents); validation_files
+    encodes separate files; either gives `self.validation`, a TokenDataset of the held-out rows or of
+    those files (else None). Batches come from `self.rows` (PackedRows, or DocumentRows for
+    line_by_line).
 
     The cache (cache_dir, default $GPT2_FLAX_CACHE or ~/.cache/gpt2_flax/tokens) is keyed by the
-    tokenizer, each input's path, size and mtime (or content) and the encoding options; block_size,
-    long_documents and validation_split can change without re-encoding.
+    tokenizer, each input's path, size and mtime (or content) and the token-changing encoding options;
+    block_size, long_documents, validation_split, num_proc and progress can change without re-encoding.
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class TokenDataset(_Dataset):
         num_proc: int = 1,
         progress: bool = False,
         skip_bad_records: bool = False,
+        encoding: EncodingOptions | None = None,
     ) -> None:
         if tokenizer is None:
             tokenizer = load_tokenizer(vocab_file, merges_file, tokenizer_file)
@@ -149,17 +154,25 @@ class TokenDataset(_Dataset):
             raise DataError(f"long_documents must be 'split' or 'truncate', got {long_documents!r}.")
         if validation_split and validation_files is not None:
             raise DataError("Pass validation_split= or validation_files=, not both.")
-        enc = {"line_by_line": line_by_line, "text_column": text_column, "header": header}
-        enc.update(encoding_errors=encoding_errors, num_proc=num_proc, progress=progress)
-        enc["skip_bad_records"] = skip_bad_records
-        sources, entry, meta = encode_sources(tokenizer, file_or_files, texts, cache_dir, **enc)
+        given = EncodingOptions(
+            line_by_line=line_by_line,
+            text_column=text_column,
+            header=header,
+            encoding_errors=encoding_errors,
+            skip_bad_records=skip_bad_records,
+            num_proc=num_proc,
+            progress=progress,
+        )
+        if encoding is not None and given != EncodingOptions():
+            raise DataError("Pass encoding= or the separate encoding options (line_by_line=, ...), not both.")
+        self.encoding = given if encoding is None else encoding
+        sources, entry, meta = encode_sources(tokenizer, file_or_files, texts, cache_dir, self.encoding)
         self.files = [s.path for s in sources if s.path is not None]
         name = f"Input file {self.files[0]}" if len(sources) == 1 and self.files else "The training text"
         self._open(entry, meta, tokenizer, block_size, long_documents, validation_split, name)
         if validation_files is not None:
-            self.validation = TokenDataset(
-                validation_files, block_size=block_size, cache_dir=cache_dir, tokenizer=tokenizer, **enc
-            )
+            kw = {"block_size": block_size, "cache_dir": cache_dir, "tokenizer": tokenizer}
+            self.validation = TokenDataset(validation_files, **kw, encoding=self.encoding)
 
     def _open(
         self,
@@ -176,7 +189,6 @@ class TokenDataset(_Dataset):
         self.eos_token_id = eos_token_id(tokenizer)
         self.cache_entry, self.cache_path, self.meta = entry, entry / "tokens.bin", meta
         self.num_documents = int(meta["num_documents"])
-        self.line_by_line = bool(meta["options"]["line_by_line"])
         self.tokens = np.memmap(self.cache_path, dtype=np.dtype(meta["dtype"]), mode="r")
         self.num_tokens = int(self.tokens.shape[0])
         self.validation: TokenDataset | None = None
@@ -194,6 +206,10 @@ class TokenDataset(_Dataset):
             self.rows = PackedRows(self.tokens, block_size, name, train)
             if val is not None:
                 self.validation = self._view(PackedRows(self.tokens, block_size, name, val))
+
+    @property
+    def line_by_line(self) -> bool:
+        return self.encoding.line_by_line
 
     def _view(self, rows: Rows) -> TokenDataset:
         """This dataset served from other rows of its token file, without a validation set of its own."""
@@ -239,7 +255,7 @@ class TokenDataset(_Dataset):
                 f"{meta['tokenizer'][:12]}, given {fp[:12]}): {fix} the text with this tokenizer."
             )
         ds = cls.__new__(cls)
-        ds.files = []
+        ds.files, ds.encoding = [], EncodingOptions(**meta["options"])
         ds._open(entry, meta, tokenizer, block_size, long_documents, validation_split, f"Token cache {entry}")
         return ds
 
