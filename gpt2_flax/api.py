@@ -300,21 +300,16 @@ def _run_dataset(cfg: Config, files: list[str], tokenizer: Any) -> Any:
         tokenizer=tokenizer,
         block_size=cfg.block_size,
         cache_dir=d.cache_dir,
-        line_by_line=d.line_by_line,
-        text_column=d.text_column,
-        header=d.header,
+        encoding=d.encoding,
         long_documents=d.long_documents,
-        encoding_errors=d.encoding_errors,
         validation_split=d.validation_split,
         validation_files=list(d.validation_files) or None,
-        num_proc=d.num_proc,
-        skip_bad_records=d.skip_bad_records,
     )
 
 
 def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True, samples: int = 3) -> GPT2:
     """The CLI's train job: data -> tokenizer (trained if none is given) -> dataset -> GPT-2 -> export."""
-    from gpt2_flax.corpus import local_cache_dir, write_demo_corpus
+    from gpt2_flax.data import local_cache_dir, write_demo_corpus
 
     out = Path(cfg.train.output_dir)
     files = list(cfg.data.files)

@@ -106,11 +106,19 @@ def cmd_train_tokenizer(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_encode(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from gpt2_flax.data import encode_main
+    from gpt2_flax.data import EncodingOptions, encode_main
 
     if extra:
         raise ConfigError(f"unrecognised arguments {list(extra)}")
     column = int(args.text_column) if args.text_column and args.text_column.isdigit() else args.text_column
+    encoding = EncodingOptions(
+        line_by_line=args.line_by_line,
+        text_column=column,
+        header=not args.no_header,
+        encoding_errors=args.encoding_errors,
+        num_proc=args.num_proc,
+        progress=not args.no_progress,
+    )
     summary = encode_main(
         args.files,
         tokenizer_file=args.tokenizer_file,
@@ -118,12 +126,7 @@ def cmd_encode(args: argparse.Namespace, extra: Sequence[str]) -> int:
         merges_file=args.merges_file,
         cache_dir=args.cache_dir,
         output=args.output,
-        line_by_line=args.line_by_line,
-        text_column=column,
-        header=not args.no_header,
-        encoding_errors=args.encoding_errors,
-        num_proc=args.num_proc,
-        progress=not args.no_progress,
+        encoding=encoding,
     )
     print(json.dumps(summary, default=str, indent=2))
     if args.output:

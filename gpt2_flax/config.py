@@ -19,11 +19,14 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from gpt2_flax.errors import ConfigError  # noqa: F401  (re-exported: gpt2_flax.config.ConfigError)
+
+if TYPE_CHECKING:  # the data modules import numpy: loaded when a config's encoding is first asked for
+    from gpt2_flax.data.encoding import EncodingOptions
 
 # The ModelConfig fields a transformers GPT2Config holds under the same name.
 _HF_SHARED = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
@@ -148,6 +151,15 @@ class DataConfig:
             raise ConfigError(f"data.long_documents must be split or truncate, got {self.long_documents!r}")
         if self.encoding_errors not in ("strict", "replace"):
             raise ConfigError(f"data.encoding_errors must be strict or replace, got {self.encoding_errors!r}")
+
+    @property
+    def encoding(self) -> EncodingOptions:
+        """The encoding options these flat data.* keys spell out, as TokenDataset(encoding=) takes them."""
+        from gpt2_flax.data.encoding import EncodingOptions
+
+        # Each field is the data.* key of the same name, but progress (a command-line flag, not a key).
+        names = [f.name for f in dataclasses.fields(EncodingOptions) if f.name != "progress"]
+        return EncodingOptions(**{name: getattr(self, name) for name in names})
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ workflow; it separates documents in the training stream and doubles as bos/eos/u
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -17,46 +16,21 @@ from typing import TYPE_CHECKING
 
 from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from gpt2_flax.data.sources import (
+    FilesArg,
+    PathLike,
+    Source,
+    check_file,
+    read_range,
+    resolve_files,
+    scan_text_file,
+)
 from gpt2_flax.errors import DataError
 
 if TYPE_CHECKING:  # importing transformers costs ~1-2 s, so only the functions that need it do
     from transformers import PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
-
-PathLike = str | Path
-FilesArg = PathLike | Sequence[PathLike]
-
-_GLOB_CHARS = set("*?[")
-
-
-def resolve_files(file_or_files: FilesArg) -> list[Path]:
-    """Expand a path, a folder, a glob or a list of those into an ordered list of existing files.
-
-    A folder contributes its regular, non-hidden files (not recursive), sorted by name so the token
-    order is the same on every machine. Globs are sorted for the same reason; list order is kept.
-    """
-    items = [file_or_files] if isinstance(file_or_files, (str, Path)) else list(file_or_files)
-    if not items:
-        raise DataError("No input files given: pass a file path, a folder, a glob or a list of paths.")
-    files: list[Path] = []
-    for item in items:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-            if not found:
-                raise FileNotFoundError(f"Folder {path} contains no files: put .txt files in it.")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        elif _GLOB_CHARS & set(str(item)):
-            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-            if not found:
-                raise FileNotFoundError(f"Glob {str(item)!r} matched no files: check the pattern.")
-            files.extend(found)
-        else:
-            raise FileNotFoundError(f"Input file {path} does not exist: check the path.")
-    return files
 
 
 def _check_not_empty(files: Sequence[Path]) -> None:
@@ -83,8 +57,6 @@ def train_tokenizer(
     Every file is checked first, as the dataset checks it: binary files and invalid UTF-8 are errors
     naming the file (and byte offset); encoding_errors="replace" trains on U+FFFD instead.
     """
-    from gpt2_flax.sources import Source, check_file, read_range, scan_text_file
-
     paths = resolve_files(files)
     _check_not_empty(paths)
     replaced = 0

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-import gpt2_flax.token_cache as token_cache
-from gpt2_flax.data import PackedBlocks, TokenDataset, default_cache_dir, iter_pieces
+import gpt2_flax.data.cache as token_cache
+from gpt2_flax.data import TokenDataset
+from gpt2_flax.data.cache import default_cache_dir
+from gpt2_flax.data.rows import PackedRows
+from gpt2_flax.data.sources import iter_pieces
 from gpt2_flax.tokenizer import EOS, load_tokenizer, train_tokenizer
 
 WORDS = "the cat sat on a mat, don't stop! héllo 日本語 🙂 42 x=1;".split()
@@ -159,13 +162,13 @@ def test_default_cache_dir_respects_env(monkeypatch, tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def counting() -> PackedBlocks:
-    # tokens[i] == i, so a row's first input token / block_size is its block index.
-    return PackedBlocks(np.arange(371, dtype=np.uint16), block_size=10)
+def counting() -> PackedRows:
+    # tokens[i] == i, so a row's first input token / block_size is its row index.
+    return PackedRows(np.arange(371, dtype=np.uint16), block_size=10)
 
 
-def test_windows_and_shifted_labels(counting: PackedBlocks, tok: Tokenizer, tmp_path: Path) -> None:
-    assert counting.num_blocks == 37
+def test_windows_and_shifted_labels(counting: PackedRows, tok: Tokenizer, tmp_path: Path) -> None:
+    assert counting.num_rows == 37
     batch = counting.get_batch(step=3, batch_size=6, seed=1)
     assert batch["input_ids"].shape == batch["labels"].shape == (6, 10)
     assert batch["input_ids"].dtype == batch["labels"].dtype == np.int32
@@ -178,41 +181,39 @@ def test_windows_and_shifted_labels(counting: PackedBlocks, tok: Tokenizer, tmp_
     np.testing.assert_array_equal(real["input_ids"][:, 1:], real["labels"][:, :-1])
 
 
-def test_each_block_once_per_epoch_and_deterministic(counting: PackedBlocks) -> None:
+def test_each_row_once_per_epoch_and_deterministic(counting: PackedRows) -> None:
     rows = np.concatenate(
         [b["input_ids"][:, 0] // 10 for b in counting.iter_batches(4, seed=5, num_steps=37)]
     )
-    epochs = rows.reshape(4, 37)  # 148 samples = exactly 4 epochs of 37 blocks
+    epochs = rows.reshape(4, 37)  # 148 samples = exactly 4 epochs of 37 rows
     for e, epoch in enumerate(epochs):
         assert sorted(epoch.tolist()) == list(range(37))
         np.testing.assert_array_equal(epoch, np.random.default_rng([5, e]).permutation(37))
     assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
     same = counting.get_batch(9, 4, seed=5)["input_ids"]
-    np.testing.assert_array_equal(
-        same, PackedBlocks(counting.tokens, 10).get_batch(9, 4, seed=5)["input_ids"]
-    )
+    np.testing.assert_array_equal(same, PackedRows(counting.tokens, 10).get_batch(9, 4, seed=5)["input_ids"])
     assert not np.array_equal(same, counting.get_batch(9, 4, seed=6)["input_ids"])
 
 
-def test_resume_by_step_and_process_slices(counting: PackedBlocks) -> None:
+def test_resume_by_step_and_process_slices(counting: PackedRows) -> None:
     full = [b["input_ids"] for b in counting.iter_batches(8, seed=2, num_steps=12)]
     tail = [b["input_ids"] for b in counting.iter_batches(8, seed=2, start_step=7, num_steps=5)]
     for a, b in zip(full[7:], tail, strict=True):
         np.testing.assert_array_equal(a, b)
-    for step in (0, 4, 9):  # step 4 spans the epoch boundary (samples 32..39, 37 blocks)
+    for step in (0, 4, 9):  # step 4 spans the epoch boundary (samples 32..39, 37 rows)
         whole = counting.get_batch(step, 8, seed=2)
         parts = [counting.get_batch(step, 8, seed=2, process_index=p, process_count=2) for p in range(2)]
         for key in ("input_ids", "labels"):
             assert parts[0][key].shape == (4, 10)
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
-    # Within one epoch (step 0: samples 0..7) the two processes' rows are distinct blocks.
+    # Within one epoch (step 0: samples 0..7) the two processes' rows are distinct.
     parts = [
         counting.get_batch(0, 8, seed=2, process_index=p, process_count=2)["input_ids"] for p in range(2)
     ]
     assert not set(parts[0][:, 0]) & set(parts[1][:, 0])
 
 
-def test_bad_inputs(tok: Tokenizer, tmp_path: Path, counting: PackedBlocks) -> None:
+def test_bad_inputs(tok: Tokenizer, tmp_path: Path, counting: PackedRows) -> None:
     kw = {"tokenizer": tok, "cache_dir": tmp_path / "c"}
     with pytest.raises(FileNotFoundError, match="missing.txt does not exist"):
         TokenDataset(tmp_path / "missing.txt", **kw)
@@ -246,24 +247,24 @@ def test_bad_inputs(tok: Tokenizer, tmp_path: Path, counting: PackedBlocks) -> N
 
 
 def test_packed_rows_exact_layout() -> None:
-    from gpt2_flax.data import DocumentBlocks
+    from gpt2_flax.data.packing import DocumentRows
 
     tokens = np.arange(100, dtype=np.uint16)  # token i == i: a row shows where each token came from
-    blocks = DocumentBlocks(tokens, np.array([0, 3, 8, 10, 14]), block_size=8)  # docs of 3, 5, 2, 4
+    packed = DocumentRows(tokens, np.array([0, 3, 8, 10, 14]), block_size=8)  # docs of 3, 5, 2, 4
     # Best fit in order: doc 0 -> row 0 (room 5); doc 1 (5) fills row 0; doc 2 -> row 1; doc 3 -> row 1.
-    assert blocks.num_blocks == 2
-    b = blocks._gather(np.array([0, 1]))
+    assert packed.num_rows == 2
+    b = packed._gather(np.array([0, 1]))
     np.testing.assert_array_equal(b["input_ids"], [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 0, 0]])
     np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 2, 2, 2, 2, 0, 0]])
     np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 3, 0, 0]])
     np.testing.assert_array_equal(b["labels"], [[1, 2, -1, 4, 5, 6, 7, -1], [9, -1, 11, 12, 13, -1, -1, -1]])
     # Best fit, not next fit: a later short document fills an earlier row's gap.
-    later = DocumentBlocks(tokens, np.array([0, 6, 12, 14]), block_size=8)  # 6, 6, 2
+    later = DocumentRows(tokens, np.array([0, 6, 12, 14]), block_size=8)  # 6, 6, 2
     np.testing.assert_array_equal(later._gather(np.array([0]))["input_ids"], [[0, 1, 2, 3, 4, 5, 12, 13]])
 
 
 def test_long_documents_split_or_truncate() -> None:
-    from gpt2_flax.data import DocumentBlocks, document_pieces
+    from gpt2_flax.data.packing import DocumentRows, document_pieces
 
     offsets = np.array([0, 12, 15])  # docs of 12 and 3 tokens, block_size 5
     starts, lengths = document_pieces(offsets, None, 5, "split")
@@ -275,12 +276,12 @@ def test_long_documents_split_or_truncate() -> None:
     with pytest.warns(
         UserWarning, match=r"1 of 2 documents are longer than block_size=5 .*longest: 12.*split"
     ):
-        split = DocumentBlocks(tokens, offsets, 5, long_documents="split")
-    labels = split._gather(np.arange(split.num_blocks))["labels"]
+        split = DocumentRows(tokens, offsets, 5, long_documents="split")
+    labels = split._gather(np.arange(split.num_rows))["labels"]
     trained = sorted(int(t) for t in labels[labels >= 0])
     assert trained == [*range(1, 12), 13, 14]  # every prediction inside each document, once
     with pytest.warns(UserWarning, match="truncated"):
-        assert DocumentBlocks(tokens, offsets, 5, long_documents="truncate").num_blocks == 2
+        assert DocumentRows(tokens, offsets, 5, long_documents="truncate").num_rows == 2
 
 
 def test_packed_documents_never_attend_across(tok: Tokenizer) -> None:
@@ -290,7 +291,7 @@ def test_packed_documents_never_attend_across(tok: Tokenizer) -> None:
     from flax import nnx
 
     from gpt2_flax.config import ModelConfig
-    from gpt2_flax.data import DocumentBlocks
+    from gpt2_flax.data.packing import DocumentRows
     from gpt2_flax.model import GPT2LMHeadModel
 
     block = 16
@@ -301,7 +302,7 @@ def test_packed_documents_never_attend_across(tok: Tokenizer) -> None:
     docs = [[0, 5, 9, 30, 0], [0, 44, 61, 0], [0, 7, 7, 7, 8, 0]]
     tokens = np.array([t for d in docs for t in d], dtype=np.uint16)
     offsets = np.cumsum([0] + [len(d) for d in docs])
-    row = DocumentBlocks(tokens, offsets, block)._gather(np.array([0]))
+    row = DocumentRows(tokens, offsets, block)._gather(np.array([0]))
     assert row["segment_ids"][0].tolist() == [1] * 5 + [2] * 4 + [3] * 6 + [0]
 
     def logits(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -320,7 +321,7 @@ def test_packed_documents_never_attend_across(tok: Tokenizer) -> None:
     np.testing.assert_allclose(out[0, :5], base[0, :5], atol=1e-6)  # document 1: before it
     np.testing.assert_allclose(out[0, 9:15], base[0, 9:15], atol=1e-6)  # document 3: after it
     assert not np.allclose(out[0, 5:9], base[0, 5:9])
-    alone = DocumentBlocks(tokens[9:15], np.array([0, 6]), block)._gather(np.array([0]))
+    alone = DocumentRows(tokens[9:15], np.array([0, 6]), block)._gather(np.array([0]))
     np.testing.assert_allclose(logits(alone)[0, :6], base[0, 9:15], atol=1e-5)
 
 
@@ -336,7 +337,7 @@ def test_line_by_line_batches_resume_and_process_slices(tok: Tokenizer, tmp_path
     for key in full[6]:
         np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[6][key])
     # One epoch of rows holds every document exactly once.
-    rows = ds._gather(np.arange(ds.num_blocks))
+    rows = ds.rows._gather(np.arange(ds.num_blocks))
     starts = rows["input_ids"][(rows["positions"] == 0) & (rows["segment_ids"] > 0)]
     assert (starts == ds.eos_token_id).sum() == ds.num_documents == sum(1 for t in texts if t.strip())
     assert int((rows["segment_ids"] > 0).sum()) == ds.num_tokens
@@ -351,23 +352,23 @@ def test_validation_split_is_disjoint_and_eval_batches_are_fixed(tok: Tokenizer,
     train = TokenDataset(texts=texts, tokenizer=tok, block_size=8, cache_dir=tmp_path, validation_split=0.1)
     val = train.validation
     assert val.num_blocks == round(0.1 * full.num_blocks)
-    train_ids, val_ids = set(train._blocks.block_ids.tolist()), set(val.block_ids.tolist())
+    train_ids, val_ids = set(train.rows.row_ids.tolist()), set(val.rows.row_ids.tolist())
     assert not train_ids & val_ids and train_ids | val_ids == set(range(full.num_blocks))
-    # Training rows are windows of training blocks only.
+    # Training batches are windows of training rows only.
     samples = np.arange(3 * train.num_blocks)
-    blocks = train._blocks.block_ids[train.blocks_for(samples, seed=4)]
-    assert set(blocks.tolist()) == train_ids
+    ids = train.rows.row_ids[train.rows.rows_for(samples, seed=4)]
+    assert set(ids.tolist()) == train_ids
     np.testing.assert_array_equal(
-        train.get_batch(1, 8, seed=4)["input_ids"], full._gather(blocks[8:16])["input_ids"]
+        train.get_batch(1, 8, seed=4)["input_ids"], full.rows._gather(ids[8:16])["input_ids"]
     )
-    # eval_batches: every validation block once, in a fixed order, padded with labels -1.
+    # eval_batches: every validation row once, in a fixed order, padded with labels -1.
     batches = list(val.eval_batches(batch_size=8))
     assert len(batches) == -(-val.num_blocks // 8)
     labels = np.concatenate([b["labels"] for b in batches])
     assert (labels[val.num_blocks :] == -1).all() and (labels[: val.num_blocks] >= 0).all()
     firsts = np.concatenate([b["input_ids"] for b in batches])[: val.num_blocks]
     np.testing.assert_array_equal(
-        np.sort(firsts, axis=0), np.sort(full._gather(val.block_ids)["input_ids"], axis=0)
+        np.sort(firsts, axis=0), np.sort(full.rows._gather(val.rows.row_ids)["input_ids"], axis=0)
     )
     again = list(val.eval_batches(batch_size=8, num_batches=1, process_index=1, process_count=2))
     assert len(again) == 1
@@ -377,8 +378,8 @@ def test_validation_split_is_disjoint_and_eval_batches_are_fixed(tok: Tokenizer,
     lines = TokenDataset(texts=docs, tokenizer=tok, block_size=64, cache_dir=tmp_path, line_by_line=True,
                          validation_split=0.2)  # fmt: skip
     starts = {int(s) for s in np.load(lines.cache_entry / "doc_offsets.npy")[:-1]}
-    train_docs = set(np.asarray(lines._blocks.piece_start).tolist()) & starts
-    val_docs = set(np.asarray(lines.validation.piece_start).tolist()) & starts
+    train_docs = set(np.asarray(lines.rows.piece_start).tolist()) & starts
+    val_docs = set(np.asarray(lines.validation.rows.piece_start).tolist()) & starts
     assert len(val_docs) == 8 and not train_docs & val_docs and train_docs | val_docs == starts
 
 
@@ -393,13 +394,13 @@ def test_validation_files(tok: Tokenizer, tmp_path: Path) -> None:
 def test_merge_weights_sampling_determinism_and_slices() -> None:
     from gpt2_flax.data import merge_datasets
 
-    a = PackedBlocks(np.arange(401, dtype=np.uint16), block_size=4)  # tokens 0..400
-    b = PackedBlocks(np.arange(1000, 1041, dtype=np.uint16), block_size=4)  # 10 blocks: much smaller
+    a = PackedRows(np.arange(401, dtype=np.uint16), block_size=4)  # tokens 0..400
+    b = PackedRows(np.arange(1000, 1041, dtype=np.uint16), block_size=4)  # 10 rows: much smaller
     mixed = merge_datasets([a, b], weights=[0.7, 0.3])
     rows = np.concatenate([x["input_ids"][:, 0] for x in mixed.iter_batches(16, seed=1, num_steps=200)])
     frac_b = float((rows >= 1000).mean())
     assert abs(frac_b - 0.3) < 0.03  # 3200 rows: ~4 standard deviations
-    assert len(set(rows[rows >= 1000].tolist())) == 10  # sampled, not truncated: every block of b appears
+    assert len(set(rows[rows >= 1000].tolist())) == 10  # sampled, not truncated: every row of b appears
     np.testing.assert_array_equal(
         mixed.get_batch(7, 16, seed=1)["input_ids"], mixed.get_batch(7, 16, seed=1)["input_ids"]
     )
@@ -412,7 +413,7 @@ def test_merge_weights_sampling_determinism_and_slices() -> None:
     rows = np.concatenate([x["input_ids"][:, 0] for x in equal.iter_batches(16, num_steps=100)])
     assert abs(float((rows >= 1000).mean()) - 0.5) < 0.05
     with pytest.raises(ValueError, match="block sizes"):
-        merge_datasets([a, PackedBlocks(np.arange(50, dtype=np.uint16), block_size=3)])
+        merge_datasets([a, PackedRows(np.arange(50, dtype=np.uint16), block_size=3)])
     with pytest.raises(ValueError, match="non-negative"):
         merge_datasets([a, b], weights=[1.0, -1.0])
 
@@ -432,8 +433,8 @@ def test_merge_line_by_line_with_concatenated(tok: Tokenizer, tmp_path: Path) ->
     assert len(list(mixed.validation.eval_batches(4, num_batches=3))) == 3
 
 
-def test_prefetch_matches_and_propagates_errors(counting: PackedBlocks) -> None:
-    from gpt2_flax.data import prefetch
+def test_prefetch_matches_and_propagates_errors(counting: PackedRows) -> None:
+    from gpt2_flax.data.rows import prefetch
 
     plain = list(counting.iter_batches(4, seed=2, start_step=3, num_steps=20))
     ahead = list(counting.iter_batches(4, seed=2, start_step=3, num_steps=20, prefetch=3))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-import gpt2_flax.token_cache as token_cache
-from gpt2_flax.data import TokenDataset, encode_main
+import gpt2_flax.data.cache as token_cache
+from gpt2_flax.data import EncodingOptions, TokenDataset, encode_main
 from gpt2_flax.tokenizer import EOS, load_tokenizer, train_tokenizer
 
 LINES = ["the cat sat on a mat", "don't stop! héllo 日本語 🙂", "  indented line\twith tab", "x=1; 42"]
@@ -188,6 +188,28 @@ def test_cache_reuse_invalidation_save_and_load(tok: Tokenizer, tmp_path: Path, 
         TokenDataset.from_cache(tmp_path / "nothing")
 
 
+def test_encoding_options_are_one_object(tok: Tokenizer, tmp_path: Path, monkeypatch) -> None:
+    from gpt2_flax.config import DataConfig
+
+    src = tmp_path / "a.csv"
+    src.write_text("body\n" + "\n".join(LINES) + "\n", encoding="utf-8")
+    kw = {"tokenizer": tok, "block_size": 64, "cache_dir": tmp_path / "c"}
+    loose = TokenDataset(src, text_column="body", line_by_line=True, num_proc=1, **kw)
+    assert loose.encoding == EncodingOptions(line_by_line=True, text_column="body")
+    # The token-changing fields key the cache exactly as the options dict before them did.
+    assert loose.meta["options"] == {"line_by_line": True, "encoding_errors": "strict", "text_column": "body",
+                                     "header": True}  # fmt: skip
+    assert EncodingOptions(skip_bad_records=True).cache_key()["skip_bad_records"] is True
+    calls = count_encodes(monkeypatch)
+    data = DataConfig(text_column="body", line_by_line=True, num_proc=2)  # the flat data.* keys
+    assert data.encoding == EncodingOptions(line_by_line=True, text_column="body", num_proc=2)
+    same = TokenDataset(src, encoding=data.encoding, **kw)  # num_proc does not change the tokens
+    assert calls == [] and same.cache_entry == loose.cache_entry and same.encoding.num_proc == 2
+    assert TokenDataset.from_cache(same.cache_entry, block_size=64, tokenizer=tok).encoding == loose.encoding
+    with pytest.raises(ValueError, match="Pass encoding= or the separate encoding options"):
+        TokenDataset(src, encoding=data.encoding, header=False, **kw)
+
+
 def test_failure_mid_encode_leaves_no_cache(tok: Tokenizer, tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "a.txt").write_text("\n".join(LINES * 5), encoding="utf-8")
     (tmp_path / "b.csv").write_text("text\nlast row\n", encoding="utf-8")
@@ -266,7 +288,7 @@ def test_encode_main_builds_and_saves(tok: Tokenizer, tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("\n".join(LINES), encoding="utf-8")
     summary = encode_main(
         tmp_path / "a.txt", tokenizer_file=tmp_path / "tok.json", cache_dir=tmp_path / "c",
-        output=tmp_path / "out", line_by_line=True, progress=False,
+        output=tmp_path / "out", encoding=EncodingOptions(line_by_line=True, progress=False),
     )  # fmt: skip
     assert summary["num_documents"] == len(LINES) and summary["num_tokens"] > 0
     assert Path(summary["cache"]).parent == tmp_path / "c" and summary["mb_per_s"] > 0

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import transformers
 
+from gpt2_flax.data.sources import resolve_files
 from gpt2_flax.tokenizer import (
     EOS,
     eos_token_id,
     load_tokenizer,
-    resolve_files,
     save_transformers_tokenizer,
     to_transformers,
     tokenizer_fingerprint,

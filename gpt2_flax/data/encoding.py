@@ -1,9 +1,13 @@
 """The encoding pass: `datasets.map` encoders that turn sources (see sources.py) into token ids.
 
+EncodingOptions is the one object for the encoding settings (DataConfig.encoding builds it from the
+flat data.* keys; TokenDataset, the cache and `gpt2-flax encode` take it); its token-changing fields
+key the cache. Encoder is the runtime state of one pass (the tokenizer and what follows from it).
+
 Text files arrive as work items (path, byte range) that each worker reads and encodes itself; row
 sources (CSV / JSONL / Parquet / lists / datasets) are encoded in batches of ~1 MB of text. Each map
 call returns one row holding the token ids of its whole batch (plus document lengths and count), and
-`encode_stream` appends those rows, in source order, to tokens.bin and lengths.bin; token_cache.py
+`encode_stream` appends those rows, in source order, to tokens.bin and lengths.bin; cache.py
 turns that folder into a cache entry.
 """
 
@@ -19,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gpt2_flax.errors import DataError
-from gpt2_flax.sources import (
+from gpt2_flax.data.sources import (
     Source,
     check_file,
     check_records,
@@ -31,22 +34,51 @@ from gpt2_flax.sources import (
     row_column,
     scan_text_file,
 )
+from gpt2_flax.errors import DataError
 
 # ----------------------------------------------------------------------------- datasets.map encoders
 
 
-@dataclass
-class EncodeSettings:
+@dataclass(frozen=True)
+class EncodingOptions:
+    """How text becomes tokens. The first five fields change the tokens, so they key the token cache
+    (cache_key); num_proc and progress only change how the encoding runs."""
+
+    line_by_line: bool = False  # every line / CSV row / record / string is a document: EOS text EOS
+    text_column: str | int | None = None  # CSV / JSONL / Parquet / dataset column holding the text
+    header: bool = True  # CSV files start with a header row (header=False: text_column is an index)
+    encoding_errors: str = "strict"  # invalid UTF-8: "strict" (error naming file and offset) | "replace"
+    skip_bad_records: bool = False  # bad CSV/JSONL records: skipped with a warning, not an error
+    num_proc: int = 1  # datasets.map worker processes; 1 = in-process (the tokenizer still uses all cores)
+    progress: bool = False  # datasets' progress bars
+
+    def __post_init__(self) -> None:
+        if self.encoding_errors not in ("strict", "replace"):
+            raise DataError(f"encoding_errors must be 'strict' or 'replace', got {self.encoding_errors!r}.")
+
+    def cache_key(self) -> dict[str, Any]:
+        """The token-changing fields, as the cache key and meta.json's "options" hold them."""
+        key: dict[str, Any] = {"line_by_line": self.line_by_line, "encoding_errors": self.encoding_errors}
+        key.update(text_column=self.text_column, header=self.header)
+        if self.skip_bad_records:  # another token stream than the strict one (which would be an error)
+            key["skip_bad_records"] = True
+        return key
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """The runtime state of one encoding pass, handed to every `datasets.map` worker."""
+
     tok: Any  # tokenizers.Tokenizer without truncation/padding
     encode: Callable[[Any, list[str], np.dtype], list[np.ndarray]]  # texts -> token ids, one array each
     dtype: np.dtype
     eos: int
-    lines: bool  # line_by_line: every line/row is a document wrapped as EOS text EOS
-    encoding_errors: str
-    piece_chars: int
+    options: EncodingOptions
+    chunk_chars: int  # text per work item / per map batch
+    piece_chars: int  # target length of the pieces a long text is cut into
 
 
-def _encode_texts(texts: list[str], ends: list[bool], s: EncodeSettings) -> dict[str, list[Any]]:
+def _encode_texts(texts: list[str], ends: list[bool], s: Encoder) -> dict[str, list[Any]]:
     """Encode each text exactly as a whole (long ones in safe pieces) -> one output row.
 
     EOS follows every text whose `ends` flag is set; in line_by_line mode every text is a document
@@ -67,21 +99,21 @@ def _encode_texts(texts: list[str], ends: list[bool], s: EncodeSettings) -> dict
     out: list[np.ndarray] = []
     lengths: list[int] = []
     for parts, end in zip(per_text, ends, strict=True):
-        parts = [eos, *parts, eos] if s.lines else [*parts, eos] if end else parts
+        parts = [eos, *parts, eos] if s.options.line_by_line else [*parts, eos] if end else parts
         out += parts
-        lengths += [sum(p.size for p in parts)] if s.lines else []
+        lengths += [sum(p.size for p in parts)] if s.options.line_by_line else []
     ids = np.concatenate(out) if out else np.empty(0, s.dtype)
     return {"ids": [ids], "lengths": [np.asarray(lengths, np.int64)], "docs": [sum(ends)]}
 
 
-def encode_text_items(batch: dict[str, list[Any]], s: EncodeSettings) -> dict[str, list[Any]]:
+def encode_text_items(batch: dict[str, list[Any]], s: Encoder) -> dict[str, list[Any]]:
     """map fn over text work items (path, start, end, doc_end): read the byte ranges and encode them."""
     texts, ends = [], []
     for path, start, end, doc_end in zip(
         batch["path"], batch["start"], batch["end"], batch["doc_end"], strict=True
     ):
-        text = read_range(path, start, end, s.encoding_errors)
-        if s.lines:
+        text = read_range(path, start, end, s.options.encoding_errors)
+        if s.options.line_by_line:
             docs = [line for line in text.split("\n") if line and not line.isspace()]  # blank lines skipped
             texts += docs
             ends += [True] * len(docs)
@@ -91,7 +123,7 @@ def encode_text_items(batch: dict[str, list[Any]], s: EncodeSettings) -> dict[st
     return _encode_texts(texts, ends, s)
 
 
-def encode_rows(values: list[Any], s: EncodeSettings, name: str, column: str) -> dict[str, list[Any]]:
+def encode_rows(values: list[Any], s: Encoder, name: str, column: str) -> dict[str, list[Any]]:
     """map fn over a text column: every non-blank row is one document."""
     docs = []
     for value in values:
@@ -108,16 +140,6 @@ def encode_rows(values: list[Any], s: EncodeSettings, name: str, column: str) ->
 
 
 # ----------------------------------------------------------------------------- the encoding pass
-
-
-@dataclass
-class EncodeOptions:
-    text_column: str | int | None = None  # CSV / JSONL / Parquet / dataset column holding the text
-    header: bool = True  # CSV files start with a header row
-    num_proc: int = 1  # datasets.map worker processes; 1 = in-process (the tokenizer still uses all cores)
-    progress: bool = False  # datasets' progress bars
-    chunk_chars: int = 1 << 20  # text per work item / per map batch
-    skip_bad_records: bool = False  # bad CSV/JSONL records: skipped with a warning, not an error
 
 
 @contextlib.contextmanager
@@ -143,12 +165,13 @@ def _groups(sources: list[Source], columns: list[str | None]) -> Iterator[tuple[
             group = []
 
 
-def _text_items(group: list[Source], s: EncodeSettings, opts: EncodeOptions, counts: dict[str, int]) -> Any:
+def _text_items(group: list[Source], s: Encoder, counts: dict[str, int]) -> Any:
     import datasets
 
     rows: dict[str, list[Any]] = {"path": [], "start": [], "end": [], "doc_end": []}
+    errors = s.options.encoding_errors
     for src in group:
-        cuts, size, replaced = scan_text_file(src, opts.chunk_chars, s.lines, s.encoding_errors)
+        cuts, size, replaced = scan_text_file(src, s.chunk_chars, s.options.line_by_line, errors)
         counts["replaced"] += replaced
         rows["path"] += [str(src.path)] * len(cuts)
         rows["start"] += cuts
@@ -160,15 +183,15 @@ def _text_items(group: list[Source], s: EncodeSettings, opts: EncodeOptions, cou
 def _row_items(
     group: list[Source],
     column: str,
-    s: EncodeSettings,
-    opts: EncodeOptions,
+    s: Encoder,
     counts: dict[str, int],
     work: Path,
 ) -> Any:
     """The group's text column as a `datasets.Dataset`; CSV / JSONL files are scanned for U+FFFD counts."""
+    errors = s.options.encoding_errors
     if group[0].kind in ("csv", "json"):
-        counts["replaced"] += sum(scan_text_file(f, 1 << 62, True, s.encoding_errors)[2] for f in group)
-    return load_rows(group[0].kind, group, column, opts.header, s.encoding_errors, work / "hf")
+        counts["replaced"] += sum(scan_text_file(f, 1 << 62, True, errors)[2] for f in group)
+    return load_rows(group[0].kind, group, column, s.options.header, errors, work / "hf")
 
 
 def _append_output(result: Any, tokens: io.BufferedWriter, lengths: io.BufferedWriter) -> tuple[int, int]:
@@ -190,9 +213,7 @@ def _append_output(result: Any, tokens: io.BufferedWriter, lengths: io.BufferedW
     return num_tokens, docs
 
 
-def encode_stream(
-    sources: list[Source], workdir: Path, s: EncodeSettings, opts: EncodeOptions
-) -> dict[str, int]:
+def encode_stream(sources: list[Source], workdir: Path, s: Encoder) -> dict[str, int]:
     """Encode every source, in order, into workdir/tokens.bin (and document lengths into lengths.bin).
 
     Every file is checked (empty, binary, UTF-8, text column) before anything is encoded. Returns
@@ -200,6 +221,7 @@ def encode_stream(
     """
     import datasets
 
+    opts = s.options
     for src in sources:
         if src.path is not None:
             check_file(src)
@@ -224,9 +246,9 @@ def encode_stream(
             for i, (group, column) in enumerate(_groups(sources, columns)):
                 name = group[0].name + (f" (+{len(group) - 1} more)" if len(group) > 1 else "")
                 if column is None:
-                    ds, fn, kw, cols = _text_items(group, s, opts, counts), encode_text_items, {}, None
+                    ds, fn, kw, cols = _text_items(group, s, counts), encode_text_items, {}, None
                 else:
-                    ds = _row_items(group, column, s, opts, counts, workdir)
+                    ds = _row_items(group, column, s, counts, workdir)
                     fn, kw, cols = encode_rows, {"name": name, "column": column}, ds.column_names
                 size = ds.data.nbytes if column else sum(ds["end"]) - sum(ds["start"])
                 avg = max(1, size // max(1, len(ds)))  # bytes per row: map batches hold ~chunk_chars
@@ -234,7 +256,7 @@ def encode_stream(
                 result = ds.map(
                     fn,
                     batched=True,
-                    batch_size=int(np.clip(opts.chunk_chars // avg, 1, 10_000)),
+                    batch_size=int(np.clip(s.chunk_chars // avg, 1, 10_000)),
                     input_columns=cols,
                     remove_columns=ds.column_names,
                     fn_kwargs={"s": s, **kw},

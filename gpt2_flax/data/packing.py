@@ -1,7 +1,7 @@
 """line_by_line packing: whole documents (or pieces of long ones) best-fit into rows of block_size.
 
 document_pieces cuts the documents into pieces of <= block_size tokens, pack_rows assigns each piece a
-row, and DocumentBlocks stores that packing next to the token file and gathers rows with a segment id
+row, and DocumentRows stores that packing next to the token file and gathers rows with a segment id
 and a restarting position for every token, so nothing is attended to or predicted across documents.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gpt2_flax.blocks import Blocks
+from gpt2_flax.data.rows import Rows
 from gpt2_flax.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def document_pieces(
     return starts[doc] + k * step, np.minimum(lengths[doc] - k * step, block_size)
 
 
-class DocumentBlocks(Blocks):
+class DocumentRows(Rows):
     """line_by_line mode: rows of block_size tokens, each holding whole documents (or pieces of long ones).
 
     The packing (pieces sorted by row + row pointers) is computed once and stored next to the token
@@ -90,7 +90,7 @@ class DocumentBlocks(Blocks):
         self.tokens = tokens
         lengths = np.diff(doc_offsets) if doc_ids is None else np.diff(doc_offsets)[doc_ids]
         if (num_long := int((lengths > block_size).sum())) > 0:
-            action = "split into block-sized pieces" if long_documents == "split" else "truncated"
+            action = "split into pieces of block_size tokens" if long_documents == "split" else "truncated"
             warnings.warn(
                 f"{num_long} of {lengths.size} documents are longer than block_size={block_size} tokens "
                 f"(longest: {lengths.max()} tokens, EOS included) and were {action}: pass a larger "
@@ -131,10 +131,10 @@ class DocumentBlocks(Blocks):
         except OSError as e:  # a read-only saved cache: keep the packing in memory only
             logger.info("Not saving the packing index next to %s: %s", index_path, e)
 
-    def _gather(self, blocks: np.ndarray) -> dict[str, np.ndarray]:
-        n, width = blocks.shape[0], self.block_size
-        first = np.asarray(self.row_ptr[blocks])
-        count = np.asarray(self.row_ptr[blocks + 1]) - first  # pieces per row, >= 1
+    def _gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        n, width = ids.shape[0], self.block_size
+        first = np.asarray(self.row_ptr[ids])
+        count = np.asarray(self.row_ptr[ids + 1]) - first  # pieces per row, >= 1
         row_base = np.cumsum(count) - count  # index of each row's first piece in this batch
         piece = np.repeat(first - row_base, count) + np.arange(count.sum())
         length, start = np.asarray(self.piece_len[piece]), np.asarray(self.piece_start[piece])

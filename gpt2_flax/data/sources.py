@@ -1,9 +1,12 @@
-"""Reading training text: sources, text hygiene, and cutting text files into work items.
+"""Reading training text: file globbing, sources, text hygiene, and cutting text files into work items.
+
+`resolve_files` expands paths, folders and globs into an ordered list of files (train_tokenizer reads
+the same files, with the same checks, as the dataset).
 
 A source is a text file (one document), a CSV / JSONL / Parquet file (one document per row), a list of
 strings, or a `datasets.Dataset` (any `load_dataset` result; "hub:NAME[:CONFIG]" loads one by name).
 Text files are never copied into Arrow: one pass checks each file (binary? valid UTF-8? only whitespace?)
-and cuts it into ~1 MB byte ranges at line breaks, which encode.py's `datasets.map` workers read back
+and cuts it into ~1 MB byte ranges at line breaks, which encoding.py's `datasets.map` workers read back
 with `read_range`, so memory stays flat for any file size. Row sources go through
 `datasets.load_dataset("csv" | "json" | "parquet")` (`load_rows`) with only the text column kept.
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import glob
 import hashlib
 import json
 import re
@@ -25,13 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_flax.errors import DataError
-from gpt2_flax.tokenizer import resolve_files
+
+PathLike = str | Path
+FilesArg = PathLike | Sequence[PathLike]
 
 # GPT-2's pre-tokenizer regex can merge runs of whitespace across a line break ("\s+(?!\S)"), but a
 # "\n" with non-whitespace on both sides is always a pre-token of its own, so cutting right after it
 # gives pieces that encode exactly like the whole document (checked for every Unicode code point).
 _SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 _NEWLINE = re.compile(rb"\r\n|\r|\n")
+_GLOB_CHARS = set("*?[")
 _KINDS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet"}
 BINARY_PROBE = 8192  # a NUL byte in a file's first 8 KB means it is not UTF-8 text
 _replaced = threading.local()  # U+FFFD inserted by the "gpt2_flax.replace" codec error handler
@@ -77,6 +84,35 @@ def iter_pieces(read: Callable[[int], str], source: str, chunk_chars: int, piece
 
 
 # ----------------------------------------------------------------------------- resolving sources
+
+
+def resolve_files(file_or_files: FilesArg) -> list[Path]:
+    """Expand a path, a folder, a glob or a list of those into an ordered list of existing files.
+
+    A folder contributes its regular, non-hidden files (not recursive), sorted by name so the token
+    order is the same on every machine. Globs are sorted for the same reason; list order is kept.
+    """
+    items = [file_or_files] if isinstance(file_or_files, (str, Path)) else list(file_or_files)
+    if not items:
+        raise DataError("No input files given: pass a file path, a folder, a glob or a list of paths.")
+    files: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            if not found:
+                raise FileNotFoundError(f"Folder {path} contains no files: put .txt files in it.")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif _GLOB_CHARS & set(str(item)):
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not found:
+                raise FileNotFoundError(f"Glob {str(item)!r} matched no files: check the pattern.")
+            files.extend(found)
+        else:
+            raise FileNotFoundError(f"Input file {path} does not exist: check the path.")
+    return files
 
 
 @dataclass(eq=False)
@@ -162,11 +198,11 @@ def check_file(src: Source) -> None:
 # ----------------------------------------------------------------------------- text files
 
 
-def _decode(decoder: codecs.IncrementalDecoder, block: bytes, offset: int, src: Source) -> str:
+def _decode(decoder: codecs.IncrementalDecoder, chunk: bytes, offset: int, src: Source) -> str:
     """Decode the file bytes that start at byte `offset` (b"" = end of file) with a clear error."""
     pending = len(decoder.getstate()[0])
     try:
-        return decoder.decode(block, final=not block)
+        return decoder.decode(chunk, final=not chunk)
     except UnicodeDecodeError as e:
         raise DataError(
             f"{src.name} is not valid UTF-8 (byte offset {offset - pending + e.start}: {e.reason}): re-save "
@@ -186,7 +222,7 @@ def scan_text_file(src: Source, every: int, lines: bool, encoding_errors: str) -
 
     A cut is right after a line break, at the first suitable break >= `every` bytes after the previous
     cut: any break when lines=True, else only one with non-whitespace on both sides, so the ranges
-    encode exactly like the whole file. Memory: one block of `every` bytes.
+    encode exactly like the whole file. Memory: one chunk of `every` bytes.
     """
     assert src.path is not None
     decoder = codecs.getincrementaldecoder("utf-8")(_errors(encoding_errors))
@@ -195,13 +231,13 @@ def scan_text_file(src: Source, every: int, lines: bool, encoding_errors: str) -
     buf, base = b"", 0  # buf holds the file's bytes [base, base + len(buf))
     with open(src.path, "rb") as f:
         while True:
-            block = f.read(min(max(every, 16), 1 << 20))
-            text = _decode(decoder, block, base + len(buf), src)
+            chunk = f.read(min(max(every, 16), 1 << 20))
+            text = _decode(decoder, chunk, base + len(buf), src)
             has_text = has_text or (bool(text) and not text.isspace())
-            buf += block
+            buf += chunk
             while (m := _NEWLINE.search(buf, max(search - base, 0))) is not None:
                 start, end = m.span()
-                if end + 4 > len(buf) and block:  # the next character may still be incomplete
+                if end + 4 > len(buf) and chunk:  # the next character may still be incomplete
                     search = base + start
                     break
                 if end < len(buf) and (lines or _surrounded(buf, start, end)):
@@ -213,7 +249,7 @@ def scan_text_file(src: Source, every: int, lines: bool, encoding_errors: str) -
                 search = max(search, base + len(buf))
             drop = max(0, min(search - base, len(buf)) - 4)  # keep 4 bytes before the search point
             buf, base = buf[drop:], base + drop
-            if not block:
+            if not chunk:
                 break
     if not has_text:
         raise DataError(f"{src.name} is empty or contains only whitespace: remove it or add text to it.")

@@ -1,10 +1,10 @@
 """Token datasets: encode text once into a cached token file, then serve training batches from it.
 
-Encoding (token_cache.py; sources.py reads the inputs): every document becomes its token ids followed by
+Encoding (cache.py; sources.py reads the inputs): every document becomes its token ids followed by
 `<|endoftext|>` (line_by_line: `<|endoftext|> text <|endoftext|>`), all concatenated into one token file
 (uint16 when the vocab has < 65536 entries, else uint32) plus JSON metadata, in a cache folder keyed by
-the tokenizer, the inputs and the options. The file is memory-mapped, so corpora larger than RAM work
-and every process of a multi-host job can open the same cache.
+the tokenizer, the inputs and the token-changing encoding options. The file is memory-mapped, so
+corpora larger than RAM work and every process of a multi-host job can open the same cache.
 
 Batches are a pure function of (seed, step, process index), so resuming needs only the step number:
 - concatenated (default): windows of block_size + 1 tokens cut at multiples of block_size.
@@ -13,15 +13,13 @@ Batches are a pure function of (seed, step, process index), so resuming needs on
   document; labels are the next token of the same document and -1 elsewhere, so with the model's
   `segment_ids` / `positions` nothing is attended to or predicted across documents.
 
-The pieces, in the order text flows through them: sources.py (reading inputs, text hygiene),
-encode.py (the datasets.map encoders), token_cache.py (the cache folder, encode_main), blocks.py
-(batch addressing, PackedBlocks, prefetch), packing.py (line_by_line rows, DocumentBlocks), and
-this module: TokenDataset and merge_datasets, the datasets users build. Every name of those
-modules that was importable from here before the split still is.
+This module holds TokenDataset and merge_datasets, the datasets users build; the modules before
+it in the flow are listed in the package docstring (gpt2_flax/data/__init__.py).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,36 +27,59 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from gpt2_flax.blocks import EVAL_SEED, Blocks, PackedBlocks, _rows_per_process, prefetch
-from gpt2_flax.encode import EncodeOptions as EncodeOptions
-from gpt2_flax.encode import EncodeSettings as EncodeSettings
-from gpt2_flax.encode import encode_stream as encode_stream
+from gpt2_flax.data.cache import encode_sources, read_cache, save_cache_folder
+from gpt2_flax.data.encoding import EncodingOptions
+from gpt2_flax.data.packing import DocumentRows
+from gpt2_flax.data.rows import MixedRows, PackedRows, Rows
+from gpt2_flax.data.sources import PathLike
 from gpt2_flax.errors import DataError
-from gpt2_flax.packing import DocumentBlocks
-from gpt2_flax.packing import document_pieces as document_pieces
-from gpt2_flax.packing import pack_rows as pack_rows
-from gpt2_flax.sources import iter_pieces
-from gpt2_flax.sources import resolve_sources as resolve_sources
-from gpt2_flax.token_cache import CACHE_VERSION as CACHE_VERSION
-from gpt2_flax.token_cache import CHUNK_CHARS as CHUNK_CHARS  # read in token_cache: patch it there
-from gpt2_flax.token_cache import PIECE_CHARS as PIECE_CHARS  # read in token_cache: patch it there
-from gpt2_flax.token_cache import build_token_cache as build_token_cache
-from gpt2_flax.token_cache import (
-    default_cache_dir,
-    encode_main,
-    encode_sources,
-    read_cache,
-    save_cache_folder,
-)
-from gpt2_flax.tokenizer import PathLike, eos_token_id, load_tokenizer, tokenizer_fingerprint
+from gpt2_flax.tokenizer import eos_token_id, load_tokenizer, tokenizer_fingerprint
 
-__all__ = ["TokenDataset", "Blocks", "PackedBlocks", "DocumentBlocks", "MergedDataset", "merge_datasets"]
-__all__ += ["prefetch", "encode_main", "encode_sources", "save_cache_folder", "default_cache_dir"]
-__all__ += ["iter_pieces"]  # re-exported: the exact chunking lives in sources.py
+# ----------------------------------------------------------------------------- what training reads
+
+
+class _Dataset:
+    """A dataset's batches, served by its `rows` (rows.py: which rows make up each process's part of
+    each step's batch, and how a row is gathered); `validation` is a dataset of the same kind, or None."""
+
+    rows: Rows
+    validation: Any
+
+    @property
+    def block_size(self) -> int:
+        return self.rows.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        """Training rows of block_size tokens; one epoch visits each once. (The public name, like
+        block_size; inside gpt2_flax.data they are rows, and "block" is only a transformer layer.)"""
+        return self.rows.num_rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get_batch(
+        self, step: int, batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1
+    ) -> dict[str, np.ndarray]:
+        """This process's rows of global batch `step`: int32 arrays (rows, block_size), numpy only.
+
+        Keys: input_ids, labels (-1 = not trained); line_by_line adds segment_ids and positions.
+        """
+        return self.rows.get_batch(step, batch_size, seed, process_index, process_count)
+
+    # Rows' own iter_batches: steps -> self.get_batch, so a get_batch patched on this dataset is used.
+    iter_batches = Rows.iter_batches
+
+    def eval_batches(
+        self, batch_size: int, num_batches: int | None = None, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Fixed evaluation batches over every row, in one fixed order (padding rows have labels -1)."""
+        return self.rows.eval_batches(batch_size, num_batches, process_index, process_count)
+
 
 # ----------------------------------------------------------------------------- the dataset
 
-_SPLIT_SEED = 20240229  # which blocks / documents validation_split holds out: never the training seed
+_SPLIT_SEED = 20240229  # which rows / documents validation_split holds out: never the training seed
 
 
 def _holdout(n: int, fraction: float, what: str) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -77,7 +98,7 @@ def _holdout(n: int, fraction: float, what: str) -> tuple[np.ndarray | None, np.
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-class TokenDataset(Blocks):
+class TokenDataset(_Dataset):
     """Training text encoded once into a cached token file, served as batches (see the module doc).
 
     file_or_files: text files, folders or globs (one document per file); .csv / .jsonl / .parquet files
@@ -86,18 +107,22 @@ class TokenDataset(Blocks):
     one document each. The tokenizer comes from `tokenizer=` or tokenizer_file / vocab_file + merges_file.
 
     line_by_line: every line (text files; blank lines skipped) / row / string is a document, packed
-    into rows without crossing (see DocumentBlocks); long_documents="split" | "truncate" for documents
-    longer than block_size. encoding_errors="strict" | "replace" for invalid UTF-8. validation_split
-    holds out a fixed fraction of blocks (line_by_line: documents); validation_files encodes separate
-    files; either gives `self.validation`, a dataset with get_batch and eval_batches. num_proc: worker
+    into rows without crossing (see DocumentRows); long_documents="split" | "truncate" for documents
+    longer than block_size. encoding_errors="strict" | "replace" for invalid UTF-8. num_proc: worker
     processes for encoding; progress: show progress bars while encoding. A CSV row with another
     number of fields than its header, a JSONL line that is not JSON or lacks the text field, or an
     empty text is a DataError naming the file and line; skip_bad_records=True skips them with a
-    warning instead.
+    warning instead. encoding: all of these encoding settings as one EncodingOptions (e.g.
+    DataConfig.encoding), instead of the separate keywords; `self.encoding` records the options used.
+
+    validation_split holds out a fixed fraction of rows (line_by_line: documents); validation_files
+    encodes separate files; either gives `self.validation`, a TokenDataset of the held-out rows or of
+    those files (else None). Batches come from `self.rows` (PackedRows, or DocumentRows for
+    line_by_line).
 
     The cache (cache_dir, default $GPT2_FLAX_CACHE or ~/.cache/gpt2_flax/tokens) is keyed by the
-    tokenizer, each input's path, size and mtime (or content) and the encoding options; block_size,
-    long_documents and validation_split can change without re-encoding.
+    tokenizer, each input's path, size and mtime (or content) and the token-changing encoding options;
+    block_size, long_documents, validation_split, num_proc and progress can change without re-encoding.
     """
 
     def __init__(
@@ -121,6 +146,7 @@ class TokenDataset(Blocks):
         num_proc: int = 1,
         progress: bool = False,
         skip_bad_records: bool = False,
+        encoding: EncodingOptions | None = None,
     ) -> None:
         if tokenizer is None:
             tokenizer = load_tokenizer(vocab_file, merges_file, tokenizer_file)
@@ -128,17 +154,25 @@ class TokenDataset(Blocks):
             raise DataError(f"long_documents must be 'split' or 'truncate', got {long_documents!r}.")
         if validation_split and validation_files is not None:
             raise DataError("Pass validation_split= or validation_files=, not both.")
-        enc = {"line_by_line": line_by_line, "text_column": text_column, "header": header}
-        enc.update(encoding_errors=encoding_errors, num_proc=num_proc, progress=progress)
-        enc["skip_bad_records"] = skip_bad_records
-        sources, entry, meta = encode_sources(tokenizer, file_or_files, texts, cache_dir, **enc)
+        given = EncodingOptions(
+            line_by_line=line_by_line,
+            text_column=text_column,
+            header=header,
+            encoding_errors=encoding_errors,
+            skip_bad_records=skip_bad_records,
+            num_proc=num_proc,
+            progress=progress,
+        )
+        if encoding is not None and given != EncodingOptions():
+            raise DataError("Pass encoding= or the separate encoding options (line_by_line=, ...), not both.")
+        self.encoding = given if encoding is None else encoding
+        sources, entry, meta = encode_sources(tokenizer, file_or_files, texts, cache_dir, self.encoding)
         self.files = [s.path for s in sources if s.path is not None]
         name = f"Input file {self.files[0]}" if len(sources) == 1 and self.files else "The training text"
         self._open(entry, meta, tokenizer, block_size, long_documents, validation_split, name)
         if validation_files is not None:
-            self.validation = TokenDataset(
-                validation_files, block_size=block_size, cache_dir=cache_dir, tokenizer=tokenizer, **enc
-            )
+            kw = {"block_size": block_size, "cache_dir": cache_dir, "tokenizer": tokenizer}
+            self.validation = TokenDataset(validation_files, **kw, encoding=self.encoding)
 
     def _open(
         self,
@@ -155,29 +189,33 @@ class TokenDataset(Blocks):
         self.eos_token_id = eos_token_id(tokenizer)
         self.cache_entry, self.cache_path, self.meta = entry, entry / "tokens.bin", meta
         self.num_documents = int(meta["num_documents"])
-        self.line_by_line = bool(meta["options"]["line_by_line"])
         self.tokens = np.memmap(self.cache_path, dtype=np.dtype(meta["dtype"]), mode="r")
         self.num_tokens = int(self.tokens.shape[0])
-        self.validation: Any = None
+        self.validation: TokenDataset | None = None
         if self.line_by_line:
             offsets = np.load(entry / "doc_offsets.npy", mmap_mode="r")
             train, val = _holdout(self.num_documents, validation_split, "documents")
             stem = entry / f"pack1-b{block_size}-{long_documents}-v{validation_split}"  # 1: packing version
             args = (self.tokens, offsets, block_size)
-            blocks: Blocks = DocumentBlocks(*args, train, long_documents, Path(f"{stem}-train"))
+            self.rows = DocumentRows(*args, train, long_documents, Path(f"{stem}-train"))
             if val is not None:
-                self.validation = DocumentBlocks(*args, val, long_documents, Path(f"{stem}-val"))
+                self.validation = self._view(DocumentRows(*args, val, long_documents, Path(f"{stem}-val")))
         else:
-            total = PackedBlocks(self.tokens, block_size, name).num_blocks  # raises if too few tokens
-            train, val = _holdout(total, validation_split, "blocks")
-            blocks = PackedBlocks(self.tokens, block_size, name, train)
+            total = PackedRows(self.tokens, block_size, name).num_rows  # raises if too few tokens
+            train, val = _holdout(total, validation_split, "blocks")  # "blocks", as in num_blocks
+            self.rows = PackedRows(self.tokens, block_size, name, train)
             if val is not None:
-                self.validation = PackedBlocks(self.tokens, block_size, name, val)
-        self._blocks = blocks
-        super().__init__(blocks.num_blocks, block_size)
+                self.validation = self._view(PackedRows(self.tokens, block_size, name, val))
 
-    def _gather(self, blocks: np.ndarray) -> dict[str, np.ndarray]:
-        return self._blocks._gather(blocks)
+    @property
+    def line_by_line(self) -> bool:
+        return self.encoding.line_by_line
+
+    def _view(self, rows: Rows) -> TokenDataset:
+        """This dataset served from other rows of its token file, without a validation set of its own."""
+        view = copy.copy(self)
+        view.rows, view.validation = rows, None
+        return view
 
     def save_cache(self, path: PathLike) -> Path:
         """Copy the encoded tokens, metadata and tokenizer into a new folder `path`;
@@ -217,7 +255,7 @@ class TokenDataset(Blocks):
                 f"{meta['tokenizer'][:12]}, given {fp[:12]}): {fix} the text with this tokenizer."
             )
         ds = cls.__new__(cls)
-        ds.files = []
+        ds.files, ds.encoding = [], EncodingOptions(**meta["options"])
         ds._open(entry, meta, tokenizer, block_size, long_documents, validation_split, f"Token cache {entry}")
         return ds
 
@@ -238,58 +276,24 @@ class TokenDataset(Blocks):
 # ----------------------------------------------------------------------------- mixing
 
 
-class MergedDataset(Blocks):
+class MergedDataset(_Dataset):
     """Rows sampled from several datasets with fixed probabilities; see merge_datasets."""
 
-    def __init__(self, datasets: Sequence[Blocks], weights: np.ndarray) -> None:
+    def __init__(self, datasets: Sequence[_Dataset | Rows], weights: np.ndarray) -> None:
         self.datasets, self.weights = list(datasets), weights
+        self.rows = MixedRows([d.rows if isinstance(d, _Dataset) else d for d in self.datasets], weights)
         first = self.datasets[0]
-        super().__init__(sum(d.num_blocks for d in self.datasets), first.block_size)
         for name in ("tokenizer", "vocab_size", "eos_token_id"):
             setattr(self, name, getattr(first, name, None))
         vals = [getattr(d, "validation", None) for d in self.datasets]
         self.validation = MergedDataset(vals, weights) if all(v is not None for v in vals) else None
 
-    def get_batch(
-        self, step: int, batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1
-    ) -> dict[str, np.ndarray]:
-        """Each row of global batch `step` comes from dataset k with probability weights[k] (a pure
-        function of (seed, step)); that dataset serves its own sample j = step*batch_size + row."""
-        rows = _rows_per_process(batch_size, process_index, process_count)
-        if step < 0 or seed < 0:
-            raise DataError(f"step ({step}) and seed ({seed}) must be >= 0.")
-        rng = np.random.default_rng([seed, step, len(self.datasets)])
-        which = rng.choice(len(self.datasets), size=batch_size, p=self.weights)
-        first = process_index * rows
-        which = which[first : first + rows]
-        samples = step * batch_size + first + np.arange(rows, dtype=np.int64)
-        parts = {}
-        for k, ds in enumerate(self.datasets):
-            if (sel := np.flatnonzero(which == k)).size:
-                parts[k] = (sel, ds._gather(ds.blocks_for(samples[sel], seed)))
-        keys = {key for _, part in parts.values() for key in part}
-        out = {key: np.full((rows, self.block_size), -1 if key == "labels" else 0, np.int32) for key in keys}
-        for sel, part in parts.values():
-            part.setdefault("segment_ids", np.ones_like(part["input_ids"]))  # concatenated rows: one segment
-            part.setdefault("positions", np.broadcast_to(np.arange(self.block_size), part["input_ids"].shape))
-            for key in keys:
-                out[key][sel] = part[key]
-        return out
-
-    def eval_batches(
-        self, batch_size: int, num_batches: int | None = None, process_index: int = 0, process_count: int = 1
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """Fixed sampled batches (seed EVAL_SEED); num_batches defaults to one pass over all blocks."""
-        _rows_per_process(batch_size, process_index, process_count)
-        count = -(-self.num_blocks // batch_size) if num_batches is None else num_batches
-        return (self.get_batch(s, batch_size, EVAL_SEED, process_index, process_count) for s in range(count))
-
 
 def merge_datasets(
-    datasets: Sequence[Blocks], weights: Sequence[float] | None = None, equalize: bool = False
+    datasets: Sequence[_Dataset | Rows], weights: Sequence[float] | None = None, equalize: bool = False
 ) -> MergedDataset:
     """One dataset whose rows come from `datasets` with probabilities `weights` (normalised), or equal
-    ones with equalize=True; default: proportional to size. Sampling, never truncation: every block of
+    ones with equalize=True; default: proportional to size. Sampling, never truncation: every row of
     every dataset stays reachable. All datasets need the same block_size and tokenizer."""
     datasets = list(datasets)
     if not datasets:
@@ -305,7 +309,7 @@ def merge_datasets(
         )
     if equalize:
         weights = [1.0] * len(datasets)
-    w = np.asarray([d.num_blocks for d in datasets] if weights is None else weights, dtype=np.float64)
+    w = np.asarray([len(d) for d in datasets] if weights is None else weights, dtype=np.float64)
     if w.shape != (len(datasets),) or (w < 0).any() or w.sum() <= 0:
         raise DataError(f"weights={list(w)} must be {len(datasets)} non-negative numbers, not all zero.")
     return MergedDataset(datasets, w / w.sum())

@@ -3,9 +3,10 @@
 Every document becomes its token ids followed by `<|endoftext|>` (line_by_line: `<|endoftext|> text
 <|endoftext|>`), all concatenated into tokens.bin (uint16 when the vocab has < 65536 entries, else
 uint32) plus meta.json (and doc_offsets.npy in line_by_line mode), in `<cache_dir>/<key>/` where the key
-hashes the tokenizer, the inputs and the options. The folder is built under a temporary name and
-renamed when complete, so a reader never sees half a cache. save_cache_folder / encode_main copy an
-entry (with its tokenizer) to a folder of the user's choosing for TokenDataset.from_cache.
+hashes the tokenizer, the inputs and the token-changing encoding options (EncodingOptions.cache_key).
+The folder is built under a temporary name and renamed when complete, so a reader never sees half a
+cache. save_cache_folder / encode_main copy an entry (with its tokenizer) to a folder of the user's
+choosing for TokenDataset.from_cache.
 
 CHUNK_CHARS, PIECE_CHARS, _encode_batch and encode_stream are looked up here at call time, so tests
 that shrink or wrap them patch this module.
@@ -13,7 +14,6 @@ that shrink or wrap them patch this module.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from gpt2_flax.encode import EncodeOptions, EncodeSettings, encode_stream
+from gpt2_flax.data.encoding import Encoder, EncodingOptions, encode_stream
+from gpt2_flax.data.sources import PathLike, resolve_sources
 from gpt2_flax.errors import DataError
-from gpt2_flax.sources import resolve_sources
-from gpt2_flax.tokenizer import PathLike, eos_token_id, load_tokenizer, tokenizer_fingerprint
+from gpt2_flax.tokenizer import eos_token_id, load_tokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _publish(work: Path, entry: Path, identity: dict, meta: dict) -> None:
 
 
 def build_token_cache(
-    tok: Tokenizer, sources: list, cache_dir: PathLike | None, options: dict, opts: EncodeOptions
+    tok: Tokenizer, sources: list, cache_dir: PathLike | None, options: EncodingOptions
 ) -> tuple[Path, dict]:
     """Encode `sources` into the folder `<cache_dir>/<key>/`, or reuse it; returns (folder, metadata).
 
@@ -118,7 +118,7 @@ def build_token_cache(
     identity = {
         "version": CACHE_VERSION,
         "tokenizer": tokenizer_fingerprint(tok),
-        "options": options,
+        "options": options.cache_key(),
         "sources": [s.identity() for s in sources],
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:24]
@@ -138,14 +138,12 @@ def build_token_cache(
         tok.no_padding()
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
-    lines, errors = options["line_by_line"], options["encoding_errors"]
-    settings = EncodeSettings(tok, _encode_batch, dtype, eos_token_id(tok), lines, errors, PIECE_CHARS)
-    opts = dataclasses.replace(opts, chunk_chars=CHUNK_CHARS)
+    encoder = Encoder(tok, _encode_batch, dtype, eos_token_id(tok), options, CHUNK_CHARS, PIECE_CHARS)
     work = Path(tempfile.mkdtemp(dir=cache, prefix=f"{key}.", suffix=".tmp"))  # unique per process
     try:
         start = time.perf_counter()
-        counts = encode_stream(sources, work, settings, opts)
-        meta = {**identity, "dtype": dtype.name, "vocab_size": vocab_size, "eos_token_id": settings.eos}
+        counts = encode_stream(sources, work, encoder)
+        meta = {**identity, "dtype": dtype.name, "vocab_size": vocab_size, "eos_token_id": encoder.eos}
         meta.update(counts, encode_seconds=round(time.perf_counter() - start, 3))
         _publish(work, entry, identity, meta)
     finally:
@@ -168,27 +166,13 @@ def encode_sources(
     file_or_files: Any,
     texts: str | Sequence[str] | None,
     cache_dir: PathLike | None,
-    *,
-    line_by_line: bool = False,
-    text_column: str | int | None = None,
-    header: bool = True,
-    encoding_errors: str = "strict",
-    num_proc: int = 1,
-    progress: bool = False,
-    skip_bad_records: bool = False,
+    options: EncodingOptions,
 ) -> tuple[list, Path, dict]:
     """Resolve the inputs and encode them into the cache (or reuse it): (sources, folder, metadata)."""
-    if encoding_errors not in ("strict", "replace"):
-        raise DataError(f"encoding_errors must be 'strict' or 'replace', got {encoding_errors!r}.")
     sources = resolve_sources(file_or_files, texts)
     if not sources:
         raise DataError("No training text given: pass file_or_files (path, folder, glob or list) or texts.")
-    options = {"line_by_line": line_by_line, "encoding_errors": encoding_errors}
-    options.update(text_column=text_column, header=header)
-    if skip_bad_records:  # another token stream than the strict one (which would be an error)
-        options["skip_bad_records"] = True
-    opts = EncodeOptions(text_column, header, num_proc, progress, skip_bad_records=skip_bad_records)
-    return (sources, *build_token_cache(tokenizer, sources, cache_dir, options, opts))
+    return (sources, *build_token_cache(tokenizer, sources, cache_dir, options))
 
 
 def save_cache_folder(entry: Path, tokenizer: Tokenizer, path: PathLike) -> Path:
@@ -218,20 +202,15 @@ def encode_main(
     merges_file: PathLike | None = None,
     cache_dir: PathLike | None = None,
     output: PathLike | None = None,
-    line_by_line: bool = False,
-    text_column: str | int | None = None,
-    header: bool = True,
-    encoding_errors: str = "strict",
-    num_proc: int = 1,
-    progress: bool = True,
+    encoding: EncodingOptions | None = None,
 ) -> dict[str, Any]:
-    """`gpt2-flax encode`: build the token cache up front (with progress bars), so training starts at
-    once; with `output`, also save a copy for TokenDataset.from_cache. Returns a summary dict."""
+    """`gpt2-flax encode`: build the token cache up front (with progress bars unless `encoding` says
+    otherwise), so training starts at once; with `output`, also save a copy for
+    TokenDataset.from_cache. Returns a summary dict."""
     tokenizer = load_tokenizer(vocab_file, merges_file, tokenizer_file)
     start = time.perf_counter()
-    enc = {"line_by_line": line_by_line, "text_column": text_column, "header": header}
-    enc.update(encoding_errors=encoding_errors, num_proc=num_proc, progress=progress)
-    sources, entry, meta = encode_sources(tokenizer, file_or_files, None, cache_dir, **enc)
+    encoding = EncodingOptions(progress=True) if encoding is None else encoding
+    sources, entry, meta = encode_sources(tokenizer, file_or_files, None, cache_dir, encoding)
     seconds = time.perf_counter() - start
     mb = sum(s.path.stat().st_size for s in sources if s.path is not None) / 1e6
     summary = {"cache": str(entry), "num_tokens": meta["num_tokens"], "num_documents": meta["num_documents"]}

@@ -1,0 +1,35 @@
+"""Token datasets: encode text once into a cached token file, then serve training batches from it.
+
+The modules, in the order text flows through them:
+
+    sources.py   reading inputs: file globbing, text / CSV / JSONL / Parquet / datasets, text hygiene
+    encoding.py  EncodingOptions (every encoding setting in one frozen object) and the `datasets.map`
+                 encoders that turn sources into token ids
+    cache.py     the token cache: one token file on disk (memory-mapped), keyed by what changes tokens
+    rows.py      training rows and batches, a pure function of (seed, step, process index); prefetch
+    packing.py   line_by_line rows: whole documents best-fit into rows of block_size tokens
+    dataset.py   TokenDataset and merge_datasets, the datasets users build
+    corpus.py    the offline demo corpus (standard-library docstrings)
+
+DataConfig.encoding turns the flat data.* keys into an EncodingOptions; TokenDataset(encoding=...),
+the cache and `gpt2-flax encode` take it, and its token-changing fields key the cache.
+
+Only the public names below are exported here; everything else is imported from its module. Names
+are imported on first use, so `gpt2_flax.tokenizer` can import `gpt2_flax.data.sources` (file
+globbing and the checks the dataset makes) while the dataset modules import the tokenizer.
+"""
+
+from __future__ import annotations
+
+from gpt2_flax import _lazy_exports
+
+_EXPORTS = {
+    "TokenDataset": "gpt2_flax.data.dataset",
+    "merge_datasets": "gpt2_flax.data.dataset",
+    "EncodingOptions": "gpt2_flax.data.encoding",
+    "encode_main": "gpt2_flax.data.cache",
+    "local_cache_dir": "gpt2_flax.data.corpus",
+    "write_demo_corpus": "gpt2_flax.data.corpus",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)
