@@ -50,7 +50,8 @@ def steps_per_s(steps: int, save_every: int) -> float:
         nonlocal state
         x = batches[i % len(batches)]
         batch = {"input_ids": x[:, :-1].astype(np.int32), "labels": x[:, 1:].astype(np.int32)}
-        state, metrics = setup.step_fn(state, to_global(batch, setup.mesh))
+        with jax.set_mesh(setup.mesh):
+            state, metrics = setup.step_fn(state, to_global(batch, setup.mesh))
         if save_every and (i + 1) % save_every == 0:
             ckpt.save(i + 1, state.params, state.opt_state, {})
         return metrics

@@ -36,7 +36,8 @@ def make_ours(cfg):
     def run(batch: np.ndarray):
         nonlocal state
         b = {"input_ids": batch[:, :-1].astype(np.int32), "labels": batch[:, 1:].astype(np.int32)}
-        state, metrics = setup.step_fn(state, to_global(b, setup.mesh))
+        with jax.set_mesh(setup.mesh):
+            state, metrics = setup.step_fn(state, to_global(b, setup.mesh))
         return lambda: jax.block_until_ready(metrics)
 
     return run

@@ -108,7 +108,8 @@ def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
     setup = plan(graphdef, state, cfg, mesh)
     b, t = cfg.train.batch_size, cfg.block_size
     row = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=batch_sharding(mesh))
-    lowered = setup.step_fn.lower(setup.abstract_state, {"input_ids": row, "labels": row})
+    with jax.set_mesh(mesh):
+        lowered = setup.step_fn.lower(setup.abstract_state, {"input_ids": row, "labels": row})
     n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
     try:
         compiled = lowered.compile()

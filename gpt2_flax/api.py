@@ -210,17 +210,20 @@ class GPT2(GenerationMixin):
 
 def data_config_of(data: Any) -> DataConfig:
     """The DataConfig a dataset was built with (run.json records it): its files, rows and encoding
-    settings. A merged dataset reports all its files and its first part's settings."""
+    options. A merged dataset reports all its files and its first part's settings."""
     parts = getattr(data, "datasets", None) or [data]
-    options = getattr(parts[0], "meta", {}).get("options", {})
+    first = parts[0]
+    enc = getattr(first, "encoding", None) or DataConfig().encoding  # (bare rows in a merge: defaults)
+    # The reverse of DataConfig.encoding: each option is the data.* key of the same name.
+    options = {f.name: getattr(enc, f.name) for f in dataclasses.fields(enc) if f.name != "progress"}
+    if options["text_column"] is not None:
+        options["text_column"] = str(options["text_column"])  # a CSV index as the CLI spells it
     return DataConfig(
         files=tuple(str(f) for p in parts for f in getattr(p, "files", [])),
         block_size=int(data.block_size),
-        line_by_line=bool(options.get("line_by_line", False)),
-        text_column=options.get("text_column"),
-        header=bool(options.get("header", True)),
-        encoding_errors=options.get("encoding_errors", "strict"),
-        skip_bad_records=bool(options.get("skip_bad_records", False)),
+        long_documents=getattr(first, "long_documents", "split"),
+        validation_split=getattr(first, "validation_split", 0.0),
+        **options,
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import PartitionSpec
 
 from gpt2_flax.errors import CheckpointError, TrainingError  # noqa: F401  (re-exported)
 
@@ -73,12 +74,26 @@ class Checkpointer:
 
     def restore(self, step: int, params: Any, opt_state: Any | None = None) -> dict[str, Any]:
         """Restores onto the shardings of the abstract targets (jax.ShapeDtypeStruct leaves with
-        .sharding), whatever mesh the checkpoint was written from. opt_state=None: parameters only."""
-        items: dict[str, Any] = {"params": ocp.args.StandardRestore(params), "meta": ocp.args.JsonRestore()}
-        if opt_state is not None:
-            items["opt_state"] = ocp.args.StandardRestore(opt_state)
-        out = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return {k: out[k] for k in items}
+        .sharding), whatever mesh the checkpoint was written from. opt_state=None: parameters only.
+        A checkpoint of an older gpt2_flax, whose parameter layout differs (`_legacy_shape`), is
+        read in that layout and reshaped, so upgrading never strands a run."""
+        targets = {"params": params} if opt_state is None else {"params": params, "opt_state": opt_state}
+        try:
+            return self._restore(step, targets)
+        except Exception:
+            legacy = _legacy_targets(targets)
+            if legacy is None:
+                raise
+        try:  # a checkpoint of an older gpt2_flax, in the parameter layout of its day
+            out = self._restore(step, legacy)
+        except Exception:
+            return self._restore(step, targets)  # raises the error of the current layout again
+        return {**out, **jax.tree.map(_to_target, {k: out[k] for k in targets}, targets)}
+
+    def _restore(self, step: int, targets: dict[str, Any]) -> dict[str, Any]:
+        items = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+        out = self._manager.restore(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonRestore()))
+        return {k: out[k] for k in (*targets, "meta")}
 
     def set_aside(self, step: int) -> str:
         """Moves an unreadable step out of Orbax's sight (renamed, never deleted), so the run can go
@@ -95,6 +110,46 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _legacy_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape a parameter (or its Adam moment) had in checkpoints written before 2026-12-01:
+    c_attn as HF's (L, C, 3C) / (L, 3C), where it is now (L, C, 3, H, D) / (L, 3, H, D)."""
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if "c_attn" not in keys:
+        return None
+    if keys[-1] == "kernel" and len(shape) == 5:
+        return (*shape[:2], math.prod(shape[2:]))
+    if keys[-1] == "bias" and len(shape) == 4:
+        return (shape[0], math.prod(shape[1:]))
+    return None
+
+
+def _legacy_targets(targets: dict[str, Any]) -> dict[str, Any] | None:
+    """The restore targets in the old layout (None: nothing in them changed layout). An old leaf
+    is placed like the new one on its leading (layer, embed) dimensions, its fused one whole."""
+    changed = False
+
+    def old(path: tuple, x: Any) -> Any:
+        nonlocal changed
+        shape = _legacy_shape(path, tuple(x.shape))
+        if shape is None:
+            return x
+        changed = True
+        sharding = x.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            spec = tuple(sharding.spec) + (None,) * (len(x.shape) - len(sharding.spec))
+            sharding = jax.sharding.NamedSharding(sharding.mesh, PartitionSpec(*spec[: len(shape) - 1], None))
+        return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
+
+    legacy = jax.tree_util.tree_map_with_path(old, targets)
+    return legacy if changed else None
+
+
+def _to_target(x: jax.Array, target: Any) -> jax.Array:
+    if tuple(x.shape) == tuple(target.shape):
+        return x
+    return jax.jit(lambda a: a.reshape(target.shape), out_shardings=target.sharding)(x)
 
 
 def state_bytes(tree: Any) -> int:

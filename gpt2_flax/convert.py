@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -82,10 +83,24 @@ def to_hf_state_dict(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
         out[theirs] = flat[ours]
     out["transformer.wte.weight"] = out["transformer.wte.weight"][: model.vocab_size]
     for ours, theirs in _BLOCK_NAMES.items():
-        stacked = flat[f"h.{ours}"]  # (L, ...)
+        stacked = _hf_layout(ours, flat[f"h.{ours}"])  # (L, ...)
         for i in range(stacked.shape[0]):
             out[f"transformer.h.{i}.{theirs}"] = stacked[i]
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def _hf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Ours -> HF's shape of a stacked parameter: c_attn (L, C, 3, H, D) -> (L, C, 3C) and
+    (L, 3, H, D) -> (L, 3C), the [q|k|v] columns in HF's order (a reshape: no data moves)."""
+    if name == "attn.c_attn.kernel":
+        return (*shape[:2], math.prod(shape[2:]))
+    if name == "attn.c_attn.bias":
+        return (shape[0], math.prod(shape[1:]))
+    return tuple(shape)
+
+
+def _hf_layout(name: str, stacked: np.ndarray) -> np.ndarray:
+    return stacked.reshape(_hf_shape(name, stacked.shape))
 
 
 def load_hf_state_dict(model: GPT2LMHeadModel, state_dict: dict[str, Any], source: str = "weights") -> None:
@@ -99,7 +114,11 @@ def load_hf_state_dict(model: GPT2LMHeadModel, state_dict: dict[str, Any], sourc
     for ours, theirs in _TOP_NAMES.items():
         want[ours] = _take(sd, theirs.removeprefix("transformer."), source)
     for ours, theirs in _BLOCK_NAMES.items():
-        want[f"h.{ours}"] = np.stack([_take(sd, f"h.{i}.{theirs}", source) for i in range(n_layer)])
+        stacked = np.stack([_take(sd, f"h.{i}.{theirs}", source) for i in range(n_layer)])
+        ours_shape = flat[f"h.{ours}"].shape
+        if _hf_shape(ours, ours_shape) == stacked.shape:
+            stacked = stacked.reshape(ours_shape)  # HF's layout -> ours (c_attn); a wrong one is named below
+        want[f"h.{ours}"] = stacked
     if sd:
         raise DataError(
             f"{source} holds weights this GPT2Config has no place for: {sorted(sd)[:8]}; "

@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gpt2_flax.sharding import BATCH_AXES, MESH_AXES, _fit, in_mesh
+from gpt2_flax.sharding import BATCH_AXES, MESH_AXES, _fit
 
 Array = jax.Array
 NEG = -jnp.inf
@@ -324,12 +324,13 @@ class Generator:
             )
             replicated = NamedSharding(mesh, PartitionSpec())
             jitted = jax.jit(
-                in_mesh(fn, mesh),
+                fn,
                 in_shardings=(shardings, *_shardings(r, s, mesh)),
                 out_shardings=(replicated, replicated),  # every process can read the tokens
             )
             t0 = time.perf_counter()
-            self._programs[key] = jitted.lower(params, *_place(r, s, mesh)).compile()
+            with jax.set_mesh(mesh):  # traced under the mesh: the model's constraints apply
+                self._programs[key] = jitted.lower(params, *_place(r, s, mesh)).compile()
             self.compile_seconds += time.perf_counter() - t0
             self.compilations += 1
         return self._programs[key], mesh

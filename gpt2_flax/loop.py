@@ -91,7 +91,7 @@ def fit(
         logger = _logger(out, model, dataset, tc, start, progress)
         if start:
             logger.write(f"gpt2-flax: resuming from checkpoint step {start} in {ckpt.directory}")
-        with StopRequest() as stop:
+        with StopRequest() as stop, jax.set_mesh(p.mesh):  # every jitted call traces under the mesh
             state, history, stopped = _loop(_Run(p, dataset, tc, ckpt, logger, stop, sample_fn), state)
         final = int(jax.device_get(state.step))
         _save(ckpt, final, state, tc.seed, force=True)

@@ -9,6 +9,7 @@ where each goes, so changing a parallelism strategy is an edit here, not in the 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.nnx import traversals
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gpt2_flax.config import ConfigError, MeshConfig
 from gpt2_flax.errors import TrainingError
@@ -35,8 +36,7 @@ LOGICAL_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "embed": "fsdp",
     "mlp": "tensor",
-    "heads": "tensor",
-    "qkv": "tensor",
+    "heads": "tensor",  # c_attn's (C, 3, H, D) and c_proj's input: split at head boundaries
     "pos": None,
     "norm": None,
 }
@@ -68,17 +68,19 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices of all processes."""
+    """A (data, fsdp, tensor) mesh over all devices of all processes, in the physical order
+    `jax.make_mesh` picks (ICI neighbours adjacent on TPU). Axis types are Auto: XLA propagates
+    shardings from the parameters' and the `constrain` annotations (no sharding-in-types)."""
     devices = list(devices) if devices is not None else jax.devices()
     sizes = mesh_shape(cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    try:  # physical-topology-aware order on TPU; plain reshape elsewhere
-        from jax.experimental import mesh_utils
-
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:
-        grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, MESH_AXES)
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    except AssertionError:
+        # A TPU v4/v5p topology listed per core, not per chip (megacore off), e.g. the v4:2x2x1
+        # compile target: jax's device-order search refuses it; the listed order is kept.
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
 
 
 def logical_to_spec(names: Sequence[str | None] | None) -> PartitionSpec:
@@ -92,15 +94,28 @@ def logical_to_spec(names: Sequence[str | None] | None) -> PartitionSpec:
     return PartitionSpec(*axes)
 
 
-def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, name: str = "") -> PartitionSpec:
     """Drops mesh axes from dimensions they do not divide (e.g. a 3-head toy model on tensor=2
-    stays correct, only replicated on that dimension)."""
-    out = []
+    stays correct, only replicated on that dimension). For a named parameter of more than
+    _LARGE elements that is a memory cost worth a warning."""
+    out, dropped = [], []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = math.prod(mesh.shape[a] for a in names)
-        out.append(axes if names and dim % size == 0 else None)
+        fits = not names or dim % size == 0
+        out.append(axes if names and fits else None)
+        if not fits:
+            dropped.append(f"{dim} over {'x'.join(names)}={size}")
+    if dropped and name and math.prod(shape) > _LARGE:
+        warnings.warn(
+            f"{name} {tuple(shape)} is replicated where the mesh does not divide it ({', '.join(dropped)}): "
+            "every device holds those dimensions whole. Choose mesh sizes that divide them.",
+            stacklevel=3,
+        )
     return PartitionSpec(*out)
+
+
+_LARGE = 2**20  # elements: 4 MiB in float32
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict[str, Any]:
@@ -108,7 +123,8 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict[str, Any]:
     flat = {}
     for path, var in nnx.to_flat_state(abstract_state):
         names = var.get_metadata().get("out_sharding")
-        flat[path] = NamedSharding(mesh, _fit(logical_to_spec(names), var.shape, mesh))
+        name = ".".join(map(str, path))
+        flat[path] = NamedSharding(mesh, _fit(logical_to_spec(names), var.shape, mesh, name))
     return traversals.unflatten_mapping(flat)
 
 
@@ -124,18 +140,10 @@ def init_sharded(factory: Any, mesh: Mesh | None = None) -> Any:
     return nnx.merge(graphdef, params)
 
 
-def in_mesh(fn: Any, mesh: Mesh) -> Any:
-    """Traces `fn` with `mesh` as the context mesh, so `constrain` calls inside it take effect."""
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # set_mesh is not allowed under jit
-            return fn(*args, **kwargs)
-
-    return wrapped
-
-
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint by logical axis names; a no-op outside a mesh context (eager use, tests)."""
+    """Sharding constraint by logical axis names, under the mesh that `jax.set_mesh` set. Without
+    one (an eager call in a test, a user's own jit) it does nothing; every jitted call of this
+    package (the train and eval steps, the AOT compile, generation) is traced under its mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x

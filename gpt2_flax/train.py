@@ -25,7 +25,6 @@ from gpt2_flax.model import GPT2LMHeadModel
 from gpt2_flax.sharding import (
     batch_sharding,
     data_parallel_size,
-    in_mesh,
     make_mesh,
     param_shardings,
     replicated,
@@ -212,13 +211,13 @@ def plan(graphdef: Any, model_state: nnx.State, cfg: Config, mesh: Mesh) -> Plan
         use_dropout=cfg.model.dropout > 0,
     )
     step_fn = jax.jit(
-        in_mesh(step, mesh),
+        step,  # called under jax.set_mesh(mesh) (loop.py), so its constraints apply
         in_shardings=(shardings, batch_sharding(mesh)),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
     )
     eval_fn = jax.jit(
-        in_mesh(functools.partial(eval_sums, graphdef), mesh),
+        functools.partial(eval_sums, graphdef),
         in_shardings=(shardings.params, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )

@@ -289,3 +289,52 @@ def test_restore_onto_other_layouts(tokenizer_files, tiny_config, dataset, cli_r
     ids = np.asarray(ids)[:, :16] % 256  # valid ids for any byte-level vocabulary
     single = _export_logits(cli_reference, tmp_path / "cli", ids)
     np.testing.assert_allclose(_restore_logits(cli_reference, {"data": 1, "fsdp": 8}, ids), single, atol=1e-5)
+
+
+def test_checkpoint_in_the_old_c_attn_layout_still_resumes(tmp_path) -> None:
+    # Checkpoints written before c_attn kept its heads as an axis hold it as HF's (L, C, 3C): a
+    # resume after upgrading reads them in that layout and reshapes, bit for bit.
+    import jax
+
+    from gpt2_flax.config import load_config
+    from gpt2_flax.loop import restore
+    from gpt2_flax.model import GPT2LMHeadModel
+    from gpt2_flax.train import build, init_state, to_global
+
+    cfg = load_config(
+        None,
+        ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+        model={"n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 300, "n_positions": 16},
+        train={"batch_size": 8},
+    )
+    model = GPT2LMHeadModel(cfg.model)
+    plan = build(model, cfg)
+    ids = np.random.default_rng(0).integers(0, 300, (8, 17)).astype(np.int32)
+    with jax.set_mesh(plan.mesh):  # one step, so Adam's moments are not all zero
+        state, _ = plan.step_fn(
+            init_state(plan, model), to_global({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, plan.mesh)
+        )
+
+    def old_layout(path, x):
+        keys = [getattr(k, "key", None) for k in path]
+        if "c_attn" in keys and keys[-1] == "kernel":
+            return np.asarray(x).reshape(*x.shape[:2], -1)  # (L, C, 3, H, D) -> (L, C, 3C)
+        if "c_attn" in keys and keys[-1] == "bias":
+            return np.asarray(x).reshape(x.shape[0], -1)
+        return np.asarray(x)
+
+    old = jax.tree_util.tree_map_with_path(old_layout, (state.params, state.opt_state))
+    assert old[0]["h"]["attn"]["c_attn"]["kernel"].shape == (2, 32, 96)
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    ckpt.save(1, *old, {"seed": 42})
+    ckpt.wait()
+    back = restore(plan, ckpt, say=pytest.fail)  # nothing set aside, no warning
+    ckpt.close()
+    assert back is not None and int(back.step) == 1
+    for a, b in zip(
+        jax.tree.leaves((state.params, state.opt_state)),
+        jax.tree.leaves((back.params, back.opt_state)),
+        strict=True,
+    ):
+        assert a.shape == b.shape and a.sharding == b.sharding
+        assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -98,8 +98,8 @@ def test_parameter_tree_names_and_shapes() -> None:
         "wpe.embedding": (T, C),
         "h.ln_1.scale": (L, C),
         "h.ln_1.bias": (L, C),
-        "h.attn.c_attn.kernel": (L, C, 3 * C),
-        "h.attn.c_attn.bias": (L, 3 * C),
+        "h.attn.c_attn.kernel": (L, C, 3, H, C // H),  # HF's (C, 3C), heads an axis of their own
+        "h.attn.c_attn.bias": (L, 3, H, C // H),
         "h.attn.c_proj.kernel": (L, C, C),
         "h.attn.c_proj.bias": (L, C),
         "h.ln_2.scale": (L, C),

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import make_corpus
 from helpers import new_model
+from jax.sharding import PartitionSpec as P
 from sharding_case import max_rel_diff, run_case
 
 from gpt2_flax.config import ConfigError, MeshConfig, load_config
@@ -133,13 +134,14 @@ def test_parameter_and_optimizer_shardings_follow_the_rules() -> None:
     state = init_state(build(model, cfg), model)
     p = state.params
     spec = lambda x: tuple(x.sharding.spec)  # noqa: E731
-    assert spec(p["h"]["attn"]["c_attn"]["kernel"]) == (None, "fsdp", "tensor")  # (L, embed, qkv)
+    # (L, embed, 3, heads, head_dim): the tensor split falls on head boundaries.
+    assert spec(p["h"]["attn"]["c_attn"]["kernel"]) == (None, "fsdp", None, "tensor", None)
     assert spec(p["h"]["mlp"]["c_proj"]["kernel"]) == (None, "tensor", "fsdp")  # (L, mlp, embed)
     assert spec(p["wte"]["embedding"]) == ("tensor", "fsdp")  # (vocab, embed)
     assert spec(p["ln_f"]["scale"]) in ((None,), ())
     # Adam's moments shard exactly like their parameters (ZeRO-3 with fsdp).
     mu = state.opt_state[1][0].mu
-    assert spec(mu["h"]["attn"]["c_attn"]["kernel"]) == (None, "fsdp", "tensor")
+    assert spec(mu["h"]["attn"]["c_attn"]["kernel"]) == (None, "fsdp", None, "tensor", None)
     assert spec(mu["wte"]["embedding"]) == ("tensor", "fsdp")
     shard = p["h"]["mlp"]["c_fc"]["kernel"].addressable_shards[0].data.shape
     assert shard == (2, 16, 64)  # (L, C/fsdp, 4C/tensor)
@@ -198,6 +200,40 @@ def test_precision_policy() -> None:
     assert lo.dtype == jnp.float32
     np.testing.assert_allclose(lo, fp32(ids), atol=0.05)  # bf16 matmuls: close, not equal
     assert not np.array_equal(lo, fp32(ids))
+
+
+def test_steps_are_traced_under_the_mesh_so_constraints_apply() -> None:
+    # The train step is lowered as loop.py runs it: under jax.set_mesh. Each block's activation
+    # constraint must be in the program (a mesh-less trace would drop them all without a word).
+    from gpt2_flax.train import build, init_state
+
+    cfg = load_config(
+        None,
+        ["mesh.data=4", "mesh.tensor=2"],
+        model={"n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 300, "n_positions": 16},
+        train={"batch_size": 8},
+    )
+    model = new_model(cfg.model)
+    plan = build(model, cfg)
+    assert plan.mesh.axis_types == (jax.sharding.AxisType.Auto,) * 3  # jax.make_mesh, types explicit
+    rows = jax.sharding.NamedSharding(plan.mesh, P(("data", "fsdp")))
+    row = jax.ShapeDtypeStruct((8, 16), np.int32, sharding=rows)
+    state = init_state(plan, model)
+    batch = {"input_ids": row, "labels": row}
+    with jax.set_mesh(plan.mesh):
+        under = plan.step_fn.lower(state, batch).as_text().count("sdy.sharding_constraint")
+    without = plan.step_fn.lower(state, batch).as_text().count("sdy.sharding_constraint")
+    assert under >= 2 and without == 0, (under, without)  # what the mesh context changes
+
+
+def test_a_large_parameter_the_mesh_does_not_divide_warns() -> None:
+    from gpt2_flax.sharding import _fit, make_mesh
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+    with pytest.warns(UserWarning, match=r"wte.embedding \(5001, 300\) is replicated .*5001 over fsdp=8"):
+        spec = _fit(P("fsdp", None), (5001, 300), mesh, "wte.embedding")
+    assert spec == P(None, None)
+    assert _fit(P("fsdp", None), (3, 8), mesh, "tiny") == P(None, None)  # small: no warning needed
 
 
 def test_parameters_are_born_sharded(tokenizer_files, tiny_config) -> None:

@@ -75,7 +75,8 @@ def test_grad_accumulation_equals_one_big_batch(dataset, vocab_size: int) -> Non
         losses = []
         for step in range(3):
             batch = to_global(dataset.get_batch(step, 32, seed=0), setup.mesh)
-            state, metrics = setup.step_fn(state, batch)
+            with jax.set_mesh(setup.mesh):
+                state, metrics = setup.step_fn(state, batch)
             losses.append(float(metrics["loss"]))
         results[accum] = losses, jax.device_get(state.params), int(state.step)
     (losses1, params1, step1), (losses4, params4, step4) = results[1], results[4]

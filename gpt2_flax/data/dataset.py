@@ -185,6 +185,7 @@ class TokenDataset(_Dataset):
         name: str,
     ) -> None:
         self.tokenizer = tokenizer
+        self.long_documents, self.validation_split = long_documents, validation_split
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.eos_token_id = eos_token_id(tokenizer)
         self.cache_entry, self.cache_path, self.meta = entry, entry / "tokens.bin", meta

@@ -3,6 +3,8 @@
 import json
 import resource
 
+import jax
+
 from gpt2_flax.config import config_from_dict
 from gpt2_flax.host import tune_allocator
 from gpt2_flax.model import GPT2LMHeadModel
@@ -29,6 +31,7 @@ def main() -> None:
     )
     model = GPT2LMHeadModel(cfg.model)
     setup = build(model, cfg)
+    jax.set_mesh(setup.mesh)  # (a global setting: this whole process runs on this one mesh)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 512, (32, 65)).astype(np.int32)
     batch = to_global({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, setup.mesh)
