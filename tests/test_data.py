@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import small_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import gpt2_flax.data.cache as token_cache
@@ -15,7 +16,7 @@ from gpt2_flax.data import TokenDataset
 from gpt2_flax.data.cache import default_cache_dir
 from gpt2_flax.data.rows import PackedRows
 from gpt2_flax.data.sources import iter_pieces
-from gpt2_flax.tokenizer import EOS, load_tokenizer, train_tokenizer
+from gpt2_flax.tokenizer import EOS, train_tokenizer
 
 WORDS = "the cat sat on a mat, don't stop! héllo 日本語 🙂 42 x=1;".split()
 
@@ -34,10 +35,7 @@ def tricky_text(seed: int, lines: int = 60) -> str:
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    root = tmp_path_factory.mktemp("tok")
-    (root / "corpus.txt").write_text("\n".join(tricky_text(s) for s in range(10)), encoding="utf-8")
-    _, _ = train_tokenizer(root / "corpus.txt", vocab_size=400, save_path=root, prefix="tiny")
-    return load_tokenizer(tokenizer_file=root / "tiny.tokenizer.json")
+    return small_tokenizer(tmp_path_factory.mktemp("tok"), "\n".join(tricky_text(s) for s in range(10)))
 
 
 def expected_tokens(tok: Tokenizer, docs: list[str]) -> list[int]:

@@ -10,23 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import small_tokenizer
 from tokenizers import Tokenizer
 
 import gpt2_flax.data.cache as token_cache
 from gpt2_flax.data import EncodingOptions, TokenDataset, encode_main
-from gpt2_flax.tokenizer import EOS, load_tokenizer, train_tokenizer
+from gpt2_flax.tokenizer import EOS
 
 LINES = ["the cat sat on a mat", "don't stop! héllo 日本語 🙂", "  indented line\twith tab", "x=1; 42"]
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    root = tmp_path_factory.mktemp("tok")
     rng = random.Random(0)
     text = "\n".join(" ".join(rng.choice(LINES).split()[: rng.randint(1, 6)]) for _ in range(400))
-    (root / "corpus.txt").write_text(text, encoding="utf-8")
-    train_tokenizer(root / "corpus.txt", vocab_size=400, save_path=root, prefix="tiny")
-    return load_tokenizer(tokenizer_file=root / "tiny.tokenizer.json")
+    return small_tokenizer(tmp_path_factory.mktemp("tok"), text)
 
 
 def ids(tok: Tokenizer, text: str) -> list[int]:

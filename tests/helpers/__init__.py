@@ -41,3 +41,12 @@ def assert_same_params(a: GPT2LMHeadModel, b: GPT2LMHeadModel) -> None:
     assert pa.keys() == pb.keys()
     for name in pa:
         assert np.array_equal(pa[name], pb[name]), name
+
+
+def small_tokenizer(root: Any, text: str, vocab_size: int = 400) -> Any:
+    """A byte-level BPE tokenizer trained on `text` (written to root/corpus.txt)."""
+    from gpt2_flax import load_tokenizer, train_tokenizer
+
+    (root / "corpus.txt").write_text(text, encoding="utf-8")
+    train_tokenizer(root / "corpus.txt", vocab_size=vocab_size, save_path=root, prefix="tiny")
+    return load_tokenizer(tokenizer_file=root / "tiny.tokenizer.json")
