@@ -435,3 +435,68 @@ def test_finished_run_asked_for_fewer_steps_changes_nothing(run_copy, tokenizer_
             **{k: v for k, v in TRAIN.items() if k != "log_every"},
         )
     assert snapshot(run_copy) == before  # run.json is not rewritten with the new call's settings
+
+
+def test_lock_of_a_run_on_another_host_is_never_taken_over(run_copy, tokenizer_files, vocab_size, dataset):
+    # Its pid cannot be checked from here (a shared folder, e.g. NFS): refused, whatever the pid.
+    (run_copy / LOCK_FILE).write_text(json.dumps({"pid": 999999999, "host": "tpu-vm-7", "started": "then"}))
+    before = snapshot(run_copy)
+    with pytest.raises(CheckpointError, match=r"in use by another run \(pid 999999999 on tpu-vm-7.*delete"):
+        _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=12, output_dir=run_copy, **TRAIN)
+    assert snapshot(run_copy) == before
+
+
+def test_unreadable_vocab_and_merges_name_both_files(tmp_path):
+    from gpt2_flax import load_tokenizer
+
+    vocab, merges = tmp_path / "v.json", tmp_path / "m.txt"
+    vocab.write_text('{"a": 0, "b":')  # truncated
+    merges.write_text("#version: 0.2\na b\n")
+    with pytest.raises(
+        DataError, match=r"v\.json / .*m\.txt cannot be read as a GPT-2 vocab.json \+ merges.txt"
+    ):
+        load_tokenizer(vocab, merges)
+    (tmp_path / "text.txt").write_text("some text\n")
+    args = ["encode", str(tmp_path / "text.txt"), "--vocab-file", str(vocab), "--merges-file", str(merges)]
+    out = cli(*args, "--output", str(tmp_path / "cache"))
+    assert out.returncode == 2 and "cannot be read as a GPT-2 vocab.json" in out.stderr, out.stderr[-1500:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "cache").exists()
+
+
+def test_disk_full_during_a_save_keeps_the_older_checkpoints(
+    run_copy, tokenizer_files, vocab_size, dataset, monkeypatch
+):
+    # The resumed run's save at step 12 finds the disk full: the error says so and how to go on,
+    # the checkpoints already there are untouched and the folder is not left locked.
+    import errno
+
+    from gpt2_flax.checkpoint import Checkpointer
+    from gpt2_flax.cli import _message
+
+    before = {p: snapshot(run_copy / "checkpoints" / p) for p in ("4", "8")}
+
+    def full(self, step, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Checkpointer, "save", full)
+    with pytest.raises(OSError) as err:
+        _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=16, output_dir=run_copy, **TRAIN)
+    assert "the disk is full; free space (older checkpoints are intact) and run again" in _message(err.value)
+    assert {p: snapshot(run_copy / "checkpoints" / p) for p in ("4", "8")} == before
+    assert not (run_copy / LOCK_FILE).exists()
+
+
+def test_checkpoint_export_of_a_run_json_without_run_id(run_copy, tmp_path):
+    # run.json of an older version has no run_id: the export's lineage is the run folder, so a
+    # second export into the same folder replaces the first without --overwrite.
+    from gpt2_flax.convert import export_checkpoint
+
+    run = json.loads((run_copy / "run.json").read_text())
+    del run["run_id"]
+    (run_copy / "run.json").write_text(json.dumps(run))
+    export_checkpoint(run_copy, tmp_path / "e", step=4)
+    first = (tmp_path / "e" / "model.safetensors").read_bytes()
+    export_checkpoint(run_copy, tmp_path / "e", step=8)
+    assert (tmp_path / "e" / "model.safetensors").read_bytes() != first
+    with pytest.raises(ExportError, match="already holds another model"):
+        export_checkpoint(run_copy, run_copy)  # the run's own final export has the run id lineage
