@@ -54,7 +54,8 @@ class GPT2(GenerationMixin):
     """A GPT-2 you train from scratch, sample from, and hand to PyTorch users.
 
     model: weights to start from (`pytorch_model.bin`, `model.safetensors` or a folder);
-    model_folder: a folder written by `save` (weights, config.json and tokenizer files);
+    model_folder: a folder written by `save` or by transformers' `save_pretrained` (weights,
+    config.json and tokenizer files), or a Hugging Face Hub id such as "gpt2" (fetched when online);
     config: a `GPT2Config`, a config.json path, or a gpt2_flax `ModelConfig` (which holds dtype,
     remat and vocab_multiple itself); the tokenizer comes from vocab_file + merges_file,
     tokenizer_file, a `tokenizers.Tokenizer` (tokenizer=), or model_folder. dtype is the compute
@@ -75,6 +76,8 @@ class GPT2(GenerationMixin):
         remat: str = "none",
         vocab_multiple: int = 128,
     ):
+        if model_folder is not None:  # a Hub id ("gpt2") is fetched once, when online
+            model_folder = pretrained_folder(model_folder)
         if tokenizer is None:
             tokenizer = _load_tokenizer(vocab_file, merges_file, tokenizer_file, model_folder)
         if model_folder is not None and (
@@ -208,6 +211,53 @@ class GPT2(GenerationMixin):
         return [t for batch in self._generate_batches(args, params) for t in batch]
 
 
+def pretrained_folder(name: PathLike) -> Path:
+    """A local model folder as it is, or a Hugging Face Hub id downloaded (config, weights and
+    tokenizer files only) into the Hub's cache."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        raise FileNotFoundError(f"model folder {path} does not exist (a folder written by save_pretrained)")
+    from huggingface_hub import snapshot_download
+
+    files = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
+    try:
+        folder = Path(snapshot_download(text, allow_patterns=files))
+        if not (folder / "model.safetensors").is_file():  # older repos: the PyTorch file only
+            folder = Path(snapshot_download(text, allow_patterns=[*files, "pytorch_model.bin"]))
+    except Exception as e:  # offline, unknown id, no access: huggingface_hub has many error types
+        why = " ".join(str(e).split())[:200]
+        raise ConfigError(
+            f"{text!r} is no local folder, and fetching it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {why}); on a machine without internet, pass a local "
+            "folder written by save_pretrained"
+        ) from None
+    return folder
+
+
+def _init_from(cfg: Config) -> tuple[Config, Any, Path]:
+    """The CLI's model.init_from: the folder's architecture (our dtype, remat and vocab_multiple
+    kept) and its tokenizer. Returns (cfg with that model, the tokenizer, the weights folder)."""
+    d, m = cfg.data, cfg.model
+    if d.tokenizer_file or d.vocab_file or d.merges_file:
+        raise ConfigError(
+            f"model.init_from={m.init_from} brings its own tokenizer (its weights mean nothing with "
+            "another one): leave data.tokenizer_file / vocab_file / merges_file unset"
+        )
+    folder = pretrained_folder(m.init_from)
+    extra = {"dtype": m.dtype, "remat": m.remat, "vocab_multiple": m.vocab_multiple, "init_from": m.init_from}
+    model = ModelConfig.from_hf_config(_load_config(None, folder), **extra)
+    tokenizer = _load_tokenizer(None, None, None, folder)
+    print(
+        f"gpt2-flax: starting from {folder}: n_layer={model.n_layer}, n_embd={model.n_embd}, "
+        f"n_head={model.n_head}, n_positions={model.n_positions}, vocab_size={model.vocab_size} "
+        "(its config.json; model.* sizes given here are not used) and its tokenizer"
+    )
+    return dataclasses.replace(cfg, model=model), tokenizer, folder
+
+
 def data_config_of(data: Any) -> DataConfig:
     """The DataConfig a dataset was built with (run.json records it): its files, rows and encoding
     options. A merged dataset reports all its files and its first part's settings."""
@@ -319,16 +369,22 @@ def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True,
     if not files and not cfg.data.from_cache:
         files = [str(write_demo_corpus(local_cache_dir() / "demo_corpus.txt"))]
         print(f"gpt2-flax: no --data given; training on Python standard-library docstrings ({files[0]})")
-    tokenizer, tokenizer_files = _run_tokenizer(cfg, files, overwrite)
-    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    trained_here = not (cfg.data.tokenizer_file or cfg.data.vocab_file or cfg.data.from_cache)
-    if vocab_size != cfg.model.vocab_size and trained_here:
-        # A small corpus can run out of merges before the requested size: the model follows the tokenizer.
-        print(f"gpt2-flax: the corpus gave {vocab_size} tokens (asked {cfg.model.vocab_size}); using them")
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
+    weights = None
+    if cfg.model.init_from:
+        cfg, tokenizer, weights = _init_from(cfg)
+        tokenizer_files: dict[str, str] = {}
+    else:
+        tokenizer, tokenizer_files = _run_tokenizer(cfg, files, overwrite)
+        vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        trained_here = not (cfg.data.tokenizer_file or cfg.data.vocab_file or cfg.data.from_cache)
+        if vocab_size != cfg.model.vocab_size and trained_here:
+            # A small corpus can run out of merges before the requested size: the model follows it.
+            asked = cfg.model.vocab_size
+            print(f"gpt2-flax: the corpus gave {vocab_size} tokens (asked {asked}); using them")
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
     data = _run_dataset(cfg, files, tokenizer)
     m = cfg.model
-    ai = GPT2(config=m, tokenizer=tokenizer, seed=cfg.train.seed)
+    ai = GPT2(model=weights, config=m, tokenizer=tokenizer, seed=cfg.train.seed)
     ai.tokenizer_files = tokenizer_files
     result = ai.fit(data, cfg, overwrite=overwrite, progress=progress)  # the CLI's Config, as it is
     if result.stopped_early:  # preempted or stop_at_step: the checkpoint is written, the run resumes later

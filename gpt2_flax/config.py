@@ -51,6 +51,10 @@ class ModelConfig:
     # Rematerialisation of each block in the backward pass: none | block | dots (save matmul outputs).
     remat: str = "none"
     initializer_range: float = 0.02  # std of the normal init (GPT-2's; residual projections scaled)
+    # Start from this GPT-2 instead of random weights: a folder written by transformers'
+    # save_pretrained (or by gpt2-flax), or a Hugging Face Hub id such as "gpt2" (needs internet).
+    # Its config.json sets the architecture and its tokenizer is used (no tokenizer is trained).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _check_types(self, "model")
