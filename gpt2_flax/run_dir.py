@@ -42,6 +42,7 @@ _IDENTITY = {
     "data": "the training data",
     "batch_size": "train.batch_size",
     "seed": "train.seed",
+    "frozen": "what is frozen (train.freeze_layers, num_layers_freeze, freeze)",
 }
 
 
@@ -271,6 +272,8 @@ def identity(cfg: Config, tokenizer_fingerprint: str, data: dict[str, Any]) -> d
         "data": data,
         "batch_size": cfg.train.batch_size,
         "seed": cfg.train.seed,
+        # The optimizer state's structure follows it: a resume with other freezing cannot restore.
+        "frozen": [cfg.train.freeze_layers, cfg.train.num_layers_freeze, list(cfg.train.freeze)],
     }
 
 

@@ -8,6 +8,7 @@ loop (or a checkpoint restore) threads that value from there.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,9 +72,48 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
         weight_decay=tc.weight_decay,
         mask=_decay_mask,
     )
-    if tc.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), adamw)
-    return adamw
+    tx = optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), adamw) if tc.max_grad_norm > 0 else adamw
+    if not (tc.freeze_layers or tc.freeze):
+        return tx
+    if tc.freeze_layers:  # the first blocks' slices of every stacked h.* tensor: zero in, zero out
+        layers = _first_layers_zeroed(tc.num_layers_freeze)
+        tx = optax.chain(layers, tx, layers)  # (weight decay would move a zero-gradient parameter)
+    # Whole frozen tensors get set_to_zero: no Adam moments are kept for them at all.
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, _freeze_labels(tc))
+
+
+def _param_name(path: tuple) -> str:
+    return ".".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _freeze_labels(tc: TrainConfig) -> Callable[[Any], Any]:
+    embeddings = ("wte.*", "wpe.*") if tc.freeze_layers else ()
+
+    def labels(params: Any) -> Any:
+        def label(path: tuple, _: Any) -> str:
+            name = _param_name(path)
+            frozen = any(fnmatch.fnmatchcase(name, pattern) for pattern in (*embeddings, *tc.freeze))
+            return "frozen" if frozen else "train"
+
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    return labels
+
+
+def _first_layers_zeroed(n: int | None) -> optax.GradientTransformation:
+    """Zeroes the first n layers (None: all but the last) of every stacked (L, ...) h.* leaf."""
+
+    def zero(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        def one(path: tuple, u: jax.Array) -> jax.Array:
+            if _param_name(path).split(".")[0] != "h":
+                return u
+            first = u.shape[0] - 1 if n is None else n
+            keep = (jnp.arange(u.shape[0]) >= first).reshape(-1, *(1,) * (u.ndim - 1))
+            return jnp.where(keep, u, jnp.zeros_like(u))
+
+        return jax.tree_util.tree_map_with_path(one, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), zero)
 
 
 def loss_sums(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -174,6 +214,11 @@ def check_layout(cfg: Config, mesh: Mesh) -> None:
             "gpt2_flax does not do. Train with model.dtype=bfloat16 (or auto); an fp16 export or "
             "fp16 generation from the trained model is fine"
         )
+    n = cfg.train.num_layers_freeze
+    if n is not None and n > cfg.model.n_layer:
+        raise ConfigError(
+            f"train.num_layers_freeze={n} freezes more blocks than the model's n_layer={cfg.model.n_layer}"
+        )
     tensor = mesh.shape["tensor"]
     if cfg.model.n_head % tensor:
         raise ConfigError(
@@ -204,13 +249,15 @@ def plan(graphdef: Any, model_state: nnx.State, cfg: Config, mesh: Mesh) -> Plan
     )
     o_abstract = jax.eval_shape(tx.init, p_abstract)
     # Optimizer moments shard like their parameters; scalars (the step count) are replicated.
+    # (Frozen parameters have no moments: a MaskedNode stands in their place and stays.)
+    masked = optax.MaskedNode
     o_shard = optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        lambda x, s: x if isinstance(x, masked) else s,
         o_abstract,
         p_shard,
         transform_non_params=lambda _: replicated(mesh),
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct | masked),
     )
     shardings = TrainState(step=replicated(mesh), params=p_shard, opt_state=o_shard)
     abstract = jax.tree.map(

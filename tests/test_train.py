@@ -288,3 +288,65 @@ def test_float16_training_is_refused_with_the_fix(vocab_size: int) -> None:
     )
     with pytest.raises(ConfigError, match=r"float16 is for inference only.*model.dtype=bfloat16"):
         build(new_model(cfg.model), cfg)
+
+
+def _train_steps(dataset, vocab_size: int, steps: int = 3, **train) -> tuple[dict, dict, object]:
+    """(params before, params after `steps` steps, the final TrainState) of the small model."""
+    cfg = Config(
+        model=ModelConfig(vocab_size=vocab_size, n_positions=BLOCK, n_embd=32, n_layer=2, n_head=4),
+        data=DataConfig(block_size=BLOCK),
+        train=TrainConfig(batch_size=16, num_steps=10, warmup_steps=0, learning_rate=1e-2, **train),
+    )
+    model = new_model(cfg.model)
+    plan = build(model, cfg)
+    state = init_state(plan, model)
+    before = nnx.traversals.flatten_mapping(jax.device_get(state.params))
+    with jax.set_mesh(plan.mesh):
+        for step in range(steps):
+            state, _ = plan.step_fn(state, to_global(dataset.get_batch(step, 16, seed=0), plan.mesh))
+    after = nnx.traversals.flatten_mapping(jax.device_get(state.params))
+    return {".".join(k): v for k, v in before.items()}, {".".join(k): v for k, v in after.items()}, state
+
+
+def test_frozen_layers_and_embeddings_stay_bitwise_and_keep_no_moments(dataset, vocab_size: int) -> None:
+    before, after, state = _train_steps(dataset, vocab_size, freeze_layers=True, num_layers_freeze=1)
+    for name in before:
+        if name.startswith(("wte.", "wpe.")):
+            assert np.array_equal(before[name], after[name]), name  # embeddings (and the tied head)
+        elif name.startswith("h."):
+            assert np.array_equal(before[name][0], after[name][0]), name  # block 0 frozen
+            assert not np.array_equal(before[name][1], after[name][1]), name  # block 1 trains
+        else:
+            assert not np.array_equal(before[name], after[name]), name  # ln_f trains
+    *_, plain = _train_steps(dataset, vocab_size, steps=0)
+    moments = lambda s: sum(x.size for x in jax.tree.leaves(s.opt_state))  # noqa: E731
+    embeddings = before["wte.embedding"].size + before["wpe.embedding"].size
+    assert moments(plain) - moments(state) >= 2 * embeddings  # Adam's mu and nu of wte and wpe are gone
+
+
+def test_freezing_by_pattern(dataset, vocab_size: int) -> None:
+    before, after, _ = _train_steps(dataset, vocab_size, freeze=("h.attn.*", "ln_f.*"))
+    for name in before:
+        frozen = name.startswith(("h.attn.", "ln_f."))
+        assert np.array_equal(before[name], after[name]) == frozen, name
+
+
+def test_bad_freezing_values(dataset, vocab_size: int) -> None:
+    with pytest.raises(ConfigError, match="freezes more blocks than the model's n_layer=2"):
+        _train_steps(dataset, vocab_size, steps=0, freeze_layers=True, num_layers_freeze=3)
+    with pytest.raises(ConfigError, match="num_layers_freeze=1 needs train.freeze_layers=true"):
+        TrainConfig(num_layers_freeze=1)
+
+
+def test_a_frozen_run_checkpoints_and_resumes(tokenizer_files, dataset, vocab_size: int, tmp_path) -> None:
+    # Orbax saves and restores the optimizer state with its MaskedNodes (no moments for frozen tensors).
+    ai = new_gpt2(tokenizer_files, small_config(vocab_size))
+    wte = np.asarray(ai.model.wte.embedding[...])
+    kw = dict(
+        batch_size=16, output_dir=tmp_path, progress=False, save_every=2, log_every=2, freeze_layers=True
+    )
+    ai.train(dataset, num_steps=4, stop_at_step=2, **kw)
+    assert ai.stopped_early
+    history = ai.train(dataset, num_steps=4, **kw)
+    assert [r["step"] for r in history] == [4]  # resumed at 2
+    assert np.array_equal(np.asarray(ai.model.wte.embedding[...]), wte)
