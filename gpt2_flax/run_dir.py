@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2_flax.config import Config
+from gpt2_flax.config import Config, ModelConfig
 from gpt2_flax.errors import CheckpointError
 
 RUN_FILE, TOKENIZER_FILE, LOCK_FILE = "run.json", "run_tokenizer.json", ".gpt2_flax.lock"
@@ -182,6 +182,8 @@ class RunDir:
         new = identity(cfg, fingerprint, data)
         if cfg.train.resume_with_new_data:
             new["data"] = old.get("data")
+        if isinstance(old.get("model"), dict):  # model keys added since that run have their defaults
+            old = {**old, "model": {**dataclasses.asdict(ModelConfig()), **old["model"]}}
         diff = [key for key in _IDENTITY if key in old and old.get(key) != new[key]]
         if diff:
             lines = [f"  {_IDENTITY[k]}: {_describe(k, old.get(k), new[k])}" for k in diff]

@@ -500,3 +500,14 @@ def test_checkpoint_export_of_a_run_json_without_run_id(run_copy, tmp_path):
     assert (tmp_path / "e" / "model.safetensors").read_bytes() != first
     with pytest.raises(ExportError, match="already holds another model"):
         export_checkpoint(run_copy, run_copy)  # the run's own final export has the run id lineage
+
+
+def test_a_run_json_from_before_new_model_keys_still_resumes(run_copy, tokenizer_files, vocab_size, dataset):
+    # run.json written before model.initializer_range / model.init_from existed: their defaults.
+    run = json.loads((run_copy / "run.json").read_text())
+    for key in ("initializer_range", "init_from"):
+        del run["model"][key]
+        del run["config"]["model"][key]
+    (run_copy / "run.json").write_text(json.dumps(run))
+    history = _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=10, output_dir=run_copy, **TRAIN)
+    assert [r["step"] for r in history] == [10]  # resumed from step 8
