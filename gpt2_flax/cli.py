@@ -13,12 +13,13 @@ import argparse
 import dataclasses
 import json
 import sys
+import textwrap
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt2_flax.config import Config, ConfigError, load_config
+from gpt2_flax.config import Config, ConfigError, field_docs, load_config
 from gpt2_flax.errors import GPT2FlaxError
 
 # The main job with no arguments: the seed page's kind of model, sized to train in a few CPU minutes
@@ -37,12 +38,15 @@ DEMO: dict[str, Any] = {
 
 
 def _override_help() -> str:
+    """Every config key by section, with its default and its description (the config's comments)."""
     lines = ["config keys (YAML sections, or dotted overrides such as --train.learning_rate=3e-4):"]
     for section in dataclasses.fields(Config):
         cls = typing.get_type_hints(Config)[section.name]
-        default = cls()
+        default, docs = cls(), field_docs(cls)
+        lines.append(f"\n {section.name}:")
         for f in dataclasses.fields(cls):
-            lines.append(f"  --{section.name}.{f.name}=  (default: {getattr(default, f.name)!r})")
+            lines.append(f"  --{section.name}.{f.name}={getattr(default, f.name)!r}")
+            lines += [f"      {line}" for line in textwrap.wrap(docs.get(f.name, ""), 90)]
     return "\n".join(lines)
 
 

