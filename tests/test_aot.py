@@ -42,6 +42,7 @@ def _compile(config: str, topology: str, *overrides: str) -> tuple[int, dict]:
     return out.returncode, json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
 @pytest.mark.parametrize("topology, devices", [("v5e:2x2", 4), ("v4:2x2x1", 8)])
 def test_tiny_config_compiles(topology: str, devices: int) -> None:
     code, r = _compile("configs/tiny.yaml", topology)
@@ -51,6 +52,7 @@ def test_tiny_config_compiles(topology: str, devices: int) -> None:
     assert r["compiler_flops"] > 0 and r["tokens_per_s_60"] > r["tokens_per_s_40"] > 0
 
 
+@pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
 @pytest.mark.parametrize("topology, kind", [("v5e:2x4", "TPU v5 lite"), ("v4:2x2x1", "TPU v4")])
 def test_gpt2_124m_fits(topology: str, kind: str) -> None:
     code, r = _compile("configs/gpt2-124m.yaml", topology)
@@ -59,6 +61,7 @@ def test_gpt2_124m_fits(topology: str, kind: str) -> None:
     assert r["argument_bytes"] > r["n_params"] * 12 / r["n_devices"]  # params + 2 Adam moments, fp32
 
 
+@pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
 def test_too_big_reports_does_not_fit() -> None:
     # One microbatch of 512 x 1024 tokens without remat needs far more than a 16 GiB v5e chip.
     code, r = _compile(

@@ -135,6 +135,7 @@ def cli_reference(corpus_file, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
 def test_cli_resume_is_bitwise(corpus_file, cli_reference, tmp_path) -> None:
     out = tmp_path / "run"
     args = _cli(out, corpus_file, "--train.num_steps=40", "--train.save_every=4")
@@ -163,6 +164,7 @@ def _logged(out: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+@pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
 def test_sigterm_saves_and_exits_zero_then_resume_matches(corpus_file, cli_reference, tmp_path) -> None:
     out = tmp_path / "run"
     args = _cli(out, corpus_file, "--train.num_steps=40", "--train.save_every=4")
@@ -179,6 +181,7 @@ def test_sigterm_saves_and_exits_zero_then_resume_matches(corpus_file, cli_refer
     assert _metrics(out) == _metrics(cli_reference)
 
 
+@pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
 @pytest.mark.parametrize("when", ["mid-step", "during-save"])
 def test_sigkill_never_breaks_resume(corpus_file, cli_reference, tmp_path, when) -> None:
     out = tmp_path / "run"

@@ -128,6 +128,7 @@ def test_train_tokenizer_command(corpus_file: Path, tmp_path: Path) -> None:
     assert (tmp_path / "gpt2_flax.tokenizer.json").is_file()
 
 
+@pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
 def test_train_export_generate(corpus_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
     args = [
@@ -209,6 +210,7 @@ def test_yaml_holds_only_differences() -> None:
                 assert default[section][key] != value, f"{path.name}: {section}.{key} equals the default"
 
 
+@pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
 def test_encode_then_train_from_cache_with_validation(
     corpus_file: Path, tokenizer_files, tmp_path: Path
 ) -> None:

@@ -73,6 +73,7 @@ def test_a_transformers_folder_loads_with_its_logits(hf_folder: Path) -> None:
     assert isinstance(ai.generate_one(prompt="the", max_length=12, seed=0), str)
 
 
+@pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
 def test_cli_trains_further_from_it(hf_folder: Path, corpus_file: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [

@@ -83,6 +83,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
 def test_two_processes_match_one_device(workdir: Path, reference: tuple) -> None:
     ref_losses, ref_params = reference
     port = _free_port()
