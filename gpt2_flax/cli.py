@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_flax.config import Config, ConfigError, field_docs, load_config
-from gpt2_flax.errors import GPT2FlaxError
+from gpt2_flax.errors import GPT2FlaxError, cli_spelling
 
 # The main job with no arguments: the seed page's kind of model, sized to train in a few CPU minutes
 # on the offline stdlib-docstring corpus. configs/demo.yaml holds the same values (a test checks).
@@ -349,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        return args.func(args, extra)
+        with cli_spelling():  # messages name options as --data.text_column=..., not text_column=
+            return args.func(args, extra)
     except _user_errors() as e:
         print(f"gpt2-flax {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2

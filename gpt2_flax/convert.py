@@ -29,7 +29,7 @@ from flax import nnx
 from flax.nnx import traversals
 from transformers import GPT2Config
 
-from gpt2_flax.errors import DataError, ExportError
+from gpt2_flax.errors import DataError, ExportError, spell
 from gpt2_flax.model import GPT2LMHeadModel
 
 # Our per-layer path (under the stacked `h`) -> HF name under `transformer.h.{i}.`
@@ -289,8 +289,8 @@ def check_export_target(out_dir: Any, lineage: str, config: GPT2Config | None = 
             arch = ""
     raise ExportError(
         f"{out_dir} already holds another model: {why}{arch}. Nothing was written. Choose another "
-        "folder, or pass overwrite=True (CLI: --overwrite) to replace the model files there (other "
-        "files in the folder are left alone)"
+        f"folder, or pass {spell('overwrite', True)} to replace the model files there (other files "
+        "in the folder are left alone)"
     )
 
 

@@ -13,6 +13,11 @@ traceback. This module imports nothing heavy, so the CLI can catch these before 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
 
 class GPT2FlaxError(Exception):
     """A problem the user can fix; the message says how."""
@@ -36,3 +41,32 @@ class TrainingError(GPT2FlaxError, RuntimeError):
 
 class CheckpointError(TrainingError):
     """The output location cannot hold this run (not writable, full, locked, another run's)."""
+
+
+# ----------------------------------------------------------------------------- spelling the fix
+
+_CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("gpt2_flax_cli", default=False)
+
+
+@contextlib.contextmanager
+def cli_spelling() -> Iterator[None]:
+    """Messages raised inside spell options as the command line does (cli.main sets it)."""
+    token = _CLI.set(True)
+    try:
+        yield
+    finally:
+        _CLI.reset(token)
+
+
+def spell(key: str, value: Any) -> str:
+    """Option `key` ("data.text_column", or a CLI flag such as "overwrite") set to `value`, as the
+    user writes it in the interface they called: `--data.text_column=body` or `--overwrite` on the
+    command line, `text_column='body'` or `overwrite=True` in Python. A value like "<index>" is a
+    placeholder, written as it is."""
+    placeholder = isinstance(value, str) and value.startswith("<")
+    if _CLI.get():
+        if value is True and "." not in key:
+            return f"--{key.replace('_', '-')}"
+        text = {True: "true", False: "false", None: "null"}.get(value, value) if not placeholder else value
+        return f"--{key}={text}"
+    return f"{key.rsplit('.', 1)[-1]}={value if placeholder else repr(value)}"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_flax.config import Config, ModelConfig
-from gpt2_flax.errors import CheckpointError
+from gpt2_flax.errors import CheckpointError, spell
 
 RUN_FILE, TOKENIZER_FILE, LOCK_FILE = "run.json", "run_tokenizer.json", ".gpt2_flax.lock"
 # What a run writes: the only names `--overwrite` removes (never anything else in the folder).
@@ -100,8 +100,8 @@ class RunDir:
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(
                 f"{run} cannot be read ({e}); it records the run whose checkpoints are in "
-                f"{self.path / 'checkpoints'}. Restore it, or pass overwrite=True (CLI: --overwrite) "
-                "to start a new run there"
+                f"{self.path / 'checkpoints'}. Restore it, or pass {spell('overwrite', True)} to "
+                "start a new run there"
             ) from e
 
     # ------------------------------------------------------------------ checks (no writes)
@@ -190,10 +190,10 @@ class RunDir:
             raise CheckpointError(
                 f"{self.path} holds a run with other settings, which this call would continue:\n"
                 + "\n".join(lines)
-                + "\nUse another output_dir for a new run, pass overwrite=True (CLI: --overwrite) to "
+                + f"\nUse another output_dir for a new run, pass {spell('overwrite', True)} to "
                 "replace that run"
                 + (
-                    ", or train.resume_with_new_data=true to continue it on the new data"
+                    f", or {spell('train.resume_with_new_data', True)} to continue it on the new data"
                     if diff == ["data"]
                     else ""
                 )
@@ -209,7 +209,7 @@ class RunDir:
             raise CheckpointError(
                 f"{self.path} already holds a run trained to step {latest} (num_steps="
                 f"{cfg.train.num_steps}); pass num_steps > {latest} to train it further, another "
-                "output_dir for a new run, or overwrite=True to start over there"
+                f"output_dir for a new run, or {spell('overwrite', True)} to start over there"
             )
 
     # ------------------------------------------------------------------ writes

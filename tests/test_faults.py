@@ -318,7 +318,29 @@ def test_cli_bad_csv_exits_2_naming_the_line(tmp_path):
     out = cli("train", "--config", str(ROOT / "configs/tiny.yaml"), "--data", str(data), "--output-dir",
               str(tmp_path / "run"), "--data.line_by_line=true", "--no-progress")  # fmt: skip
     assert out.returncode == 2 and "tweets.csv, line 52: 3 fields" in out.stderr, out.stderr[-1500:]
-    assert "skip_bad_records" in out.stderr and "Traceback" not in out.stderr
+    # The fix as the command line spells it (Python's spelling, skip_bad_records=True, would not run).
+    assert "--data.skip_bad_records=true" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_messages_spell_options_as_the_interface_called(tokenizer_files, tmp_path):
+    from gpt2_flax.errors import cli_spelling, spell
+
+    assert (
+        spell("data.text_column", "body") == "text_column='body'"
+        and spell("overwrite", True) == "overwrite=True"
+    )
+    with cli_spelling():
+        assert spell("data.text_column", "body") == "--data.text_column=body"
+        assert (
+            spell("overwrite", True) == "--overwrite" and spell("data.header", False) == "--data.header=false"
+        )
+    data = tmp_path / "rows.csv"
+    data.write_text("id,body\n" + "1,some text here\n" * 20)
+    vocab, merges = tokenizer_files
+    with pytest.raises(DataError, match=r"pass text_column=<name> naming"):
+        TokenDataset(
+            data, vocab_file=vocab, merges_file=merges, cache_dir=tmp_path / "c", text_column="tweet"
+        )
 
 
 @pytest.mark.parametrize(

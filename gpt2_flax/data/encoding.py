@@ -34,7 +34,7 @@ from gpt2_flax.data.sources import (
     row_column,
     scan_text_file,
 )
-from gpt2_flax.errors import DataError
+from gpt2_flax.errors import DataError, spell
 
 # ----------------------------------------------------------------------------- datasets.map encoders
 
@@ -131,8 +131,8 @@ def encode_rows(values: list[Any], s: Encoder, name: str, column: str) -> dict[s
             continue
         if not isinstance(value, str):
             raise DataError(
-                f"{name}: column {column!r} holds {type(value).__name__} values, not text: pass text_column= "
-                "naming a text column."
+                f"{name}: column {column!r} holds {type(value).__name__} values, not text: pass "
+                f"{spell('data.text_column', '<name>')} naming a text column."
             )
         if value and not value.isspace():
             docs.append(normalize_newlines(value))

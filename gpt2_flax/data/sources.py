@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2_flax.errors import DataError
+from gpt2_flax.errors import DataError, spell
 
 PathLike = str | Path
 FilesArg = PathLike | Sequence[PathLike]
@@ -206,7 +206,8 @@ def _decode(decoder: codecs.IncrementalDecoder, chunk: bytes, offset: int, src: 
     except UnicodeDecodeError as e:
         raise DataError(
             f"{src.name} is not valid UTF-8 (byte offset {offset - pending + e.start}: {e.reason}): re-save "
-            "it as UTF-8, or pass encoding_errors='replace' to replace invalid bytes with U+FFFD."
+            f"it as UTF-8, or pass {spell('data.encoding_errors', 'replace')} to replace invalid bytes "
+            "with U+FFFD."
         ) from e
 
 
@@ -282,18 +283,22 @@ def _pick_column(names: list[str], text_column: str | int | None, where: str, fi
 
 def row_column(src: Source, text_column: str | int | None, header: bool) -> str:
     """The name of the column holding the text, checked in every file; a clear error when missing."""
-    fix = "pass text_column= naming the column that holds the text."
+    fix = f"pass {spell('data.text_column', '<name>')} naming the column that holds the text."
     if src.kind == "csv":
         assert src.path is not None
         with open(src.path, newline="", encoding="utf-8", errors="replace") as f:
             first = next(csv.reader(f), [])
         if header:
             return _pick_column(
-                first, text_column, f"CSV file {src.path}", fix + " Use header=False if it has no header row."
+                first,
+                text_column,
+                f"CSV file {src.path}",
+                fix + f" Use {spell('data.header', False)} if it has no header row.",
             )
         if isinstance(text_column, str):
             raise DataError(
-                f"CSV file {src.path}: with header=False columns have no names; pass text_column=<index>."
+                f"CSV file {src.path}: with {spell('data.header', False)} columns have no names; pass "
+                f"{spell('data.text_column', '<index>')}."
             )
         return str(
             _pick_column([str(i) for i in range(len(first))], text_column or 0, f"CSV file {src.path}", fix)
@@ -382,7 +387,7 @@ def check_records(src: Source, column: str, header: bool, skip: bool, work: Path
                 if src.kind == "csv"
                 else "one JSON object per line, with the text field"
             )
-            + "), or skip such records with data.skip_bad_records=true (Python: skip_bad_records=True)."
+            + f"), or skip such records with {spell('data.skip_bad_records', True)}."
         )
     lines = {first[0], *(n for n, _ in bad)}
     work.mkdir(parents=True, exist_ok=True)
