@@ -194,6 +194,15 @@ def cmd_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from gpt2_flax.info import describe
+
+    if extra:
+        raise ConfigError(f"unrecognised arguments {list(extra)}")
+    print(describe(args.folder))
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace, extra: Sequence[str]) -> int:
     cfg = load_config(args.config, split_overrides(extra))  # before JAX: config errors at once
 
@@ -300,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help="folder to write config.json, model.safetensors, ...")
     e.add_argument("--overwrite", action="store_true", help="replace another model's export in --output")
     e.set_defaults(func=cmd_export)
+    i = sub.add_parser("info", help="what a run or export folder holds, and how to go on from it")
+    i.add_argument("folder", help="a training output_dir or an exported model folder")
+    i.set_defaults(func=cmd_info)
     c = sub.add_parser(
         "compile",
         help="compile the train step for a TPU slice on this machine (needs libtpu): memory, FLOPs",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,19 @@ def test_encode_then_train_from_cache_with_validation(
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [10, 20]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[0]["val_perplexity"] > 1
+
+
+def test_info_says_what_a_folder_holds(trained_run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = trained_run.out_dir
+    assert cli.main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run}: a training run" in out and "n_layer=2, n_embd=32" in out
+    assert "step 60 of 60 (finished)" in out and "checkpoints: " in out and "loss: " in out
+    assert "export: model.safetensors" in out and "gpt2-flax export --checkpoint" in out
+    export = tmp_path / "export"
+    shutil.copytree(run, export, ignore=shutil.ignore_patterns("checkpoints", "run.json", "metrics.jsonl"))
+    assert cli.main(["info", str(export)]) == 0
+    out = capsys.readouterr().out
+    assert "an exported model" in out and "written by gpt2_flax" in out and "from_pretrained" in out
+    assert cli.main(["info", str(tmp_path / "nothing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
