@@ -210,6 +210,8 @@ class TrainConfig:
     # Peak FLOP/s of one chip (of one host on CPUs) for the MFU shown and logged; 0 = the table of
     # known TPUs/GPUs in metrics.py, or a measured matmul rate on CPUs.
     peak_flops: float = 0.0
+    # TensorBoard event files in output_dir/tensorboard (needs the [tensorboard] extra: tensorboardX).
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         _check_types(self, "train")

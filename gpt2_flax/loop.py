@@ -6,6 +6,7 @@ points (metrics), at saves (the NaN check) and at evaluations.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -89,6 +90,7 @@ def fit(
         trim_metrics(out, start)
         trim_samples(out, start)
         logger = _logger(out, model, dataset, tc, start, progress)
+        logger.text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```", start)
         if start:
             logger.write(f"gpt2-flax: resuming from checkpoint step {start} in {ckpt.directory}")
         with StopRequest() as stop, jax.set_mesh(p.mesh):  # every jitted call traces under the mesh
@@ -171,6 +173,7 @@ def _logger(
         enabled=jax.process_index() == 0,
         progress=progress,
         peak_flops=run_peak_flops(tc.peak_flops)[0],
+        tensorboard=tc.tensorboard,
     )
 
 
@@ -240,6 +243,7 @@ def _steps(
         if run.sample_fn is not None and tc.generate_every and done % tc.generate_every == 0:
             texts = run.sample_fn(state.params, done)  # every process: the sampler is a collective
             run.logger.write(append_samples(run.logger.output_dir, done, texts))
+            run.logger.text("samples", "\n\n---\n\n".join(texts), done)
         if done < end and run.stop.should_stop(done):
             _check_finite(pending, done)
             return state, history, True

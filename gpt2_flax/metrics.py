@@ -1,4 +1,12 @@
-"""Honest training logs: a progress bar, JSON lines, tokens/s and model FLOPs utilisation."""
+"""Honest training logs: a progress bar, JSON lines, TensorBoard, tokens/s and model FLOPs utilisation.
+
+TensorBoard event files go to output_dir/tensorboard/ (process 0 only) through tensorboardX, a small
+writer that needs no TensorFlow (`pip install gpt2_flax[tensorboard]`; without it, a note says so and
+metrics.jsonl is the record): every metric of metrics.jsonl as a scalar, the samples and the resolved
+config as text. Local output folders only, for now (a gs:// one keeps metrics.jsonl alone). A resume
+writes a new event file that purges the steps logged after its checkpoint, so TensorBoard shows no
+step twice.
+"""
 
 from __future__ import annotations
 
@@ -93,6 +101,7 @@ class MetricsLogger:
         enabled: bool = True,
         progress: bool = True,
         peak_flops: float = 0.0,
+        tensorboard: bool = False,
     ):
         self.enabled = enabled
         self.tokens_per_step = tokens_per_step
@@ -108,6 +117,9 @@ class MetricsLogger:
         self._lines = self.path.read_text().splitlines(True) if self._remote and self.path.exists() else []
         self._last_time = time.perf_counter()
         self._last_step = start_step
+        self.tb = None
+        if tensorboard and self.output_dir is not None:
+            self.tb = _tensorboard_writer(self.output_dir, start_step)
         self.bar = None
         if enabled and progress:
             self.bar = tqdm(
@@ -147,6 +159,10 @@ class MetricsLogger:
         elif self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for name, value in record.items():
+                if name != "step" and isinstance(value, int | float):
+                    self.tb.add_scalar(name, value, step)
         if self.bar is not None:
             shown = {"loss": f"{metrics.get('loss', float('nan')):.4f}", "tok_s": f"{tps:,.0f}"}
             if "mfu" in record:
@@ -177,6 +193,11 @@ class MetricsLogger:
             line += f", MFU {self.flops_per_step * steps / secs / self.peak_flops:.1%}"
         return line
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Text for TensorBoard's text tab (samples, the config); metrics.jsonl is not touched."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
     def write(self, message: str) -> None:
         if not self.enabled:
             return
@@ -188,6 +209,33 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def _tensorboard_writer(output_dir: Any, start_step: int) -> Any:
+    """A tensorboardX SummaryWriter on output_dir/tensorboard, or None (with a note) without it."""
+    if "://" in str(output_dir):  # tensorboardX would make a local folder named "gs:" instead
+        print(
+            "gpt2-flax: no TensorBoard event files for a remote output_dir yet; metrics.jsonl has "
+            "every metric"
+        )
+        return None
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        print(
+            "gpt2-flax: no TensorBoard event files (pip install 'gpt2_flax[tensorboard]' for them); "
+            "metrics.jsonl has every metric",
+            file=sys.stderr,
+        )
+        return None
+    try:  # purge_step: TensorBoard drops this log's earlier events from start_step on (a resume)
+        return SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step or None, flush_secs=30)
+    except Exception as e:  # e.g. a remote output_dir tensorboardX cannot write to
+        print(f"gpt2-flax: no TensorBoard event files ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
 
 
 # ----------------------------------------------------------------------------- samples.txt

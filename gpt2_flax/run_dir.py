@@ -8,6 +8,7 @@ Layout (the checkpoints themselves are checkpoint.py's)::
     tokenizer/            the vocab.json / merges.txt a run trained itself
     metrics.jsonl         one JSON line per logged step
     samples.txt           samples written during training
+    tensorboard/          TensorBoard event files (metrics.py)
     checkpoints/          Orbax steps
     .gpt2_flax.lock       pid and host of the run writing here now
 
@@ -34,7 +35,15 @@ from gpt2_flax.errors import CheckpointError, spell
 
 RUN_FILE, TOKENIZER_FILE, LOCK_FILE = "run.json", "run_tokenizer.json", ".gpt2_flax.lock"
 # What a run writes: the only names `--overwrite` removes (never anything else in the folder).
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.txt", RUN_FILE, TOKENIZER_FILE, "tokenizer")
+RUN_OUTPUTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "samples.txt",
+    "tensorboard",
+    RUN_FILE,
+    TOKENIZER_FILE,
+    "tokenizer",
+)
 # What a resume must share with the run in the folder, and how to say it in a message.
 _IDENTITY = {
     "model": "the model (model.*)",

@@ -72,3 +72,50 @@ def test_training_logs_mfu_and_prints_a_summary(
         assert 0 < r["mfu"] < 1 and r["mfu"] == pytest.approx(r["model_tflops_per_s"] * 1e12 / 2e10)
     err = capsys.readouterr().err
     assert "gpt2-flax: 12 steps in" in err and "first step, compile included" in err and "MFU" in err
+
+
+def _events(folder) -> list:
+    """Every Event in the TensorBoard files under `folder` (TFRecord framing: length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            out.append((path.name, Event.FromString(data[i + 12 : i + 12 + n])))
+            i += 12 + n + 4
+    return out
+
+
+def test_tensorboard_has_every_metric_the_config_and_purges_on_resume(
+    tokenizer_files, tiny_config, dataset, tmp_path
+) -> None:
+    pytest.importorskip("tensorboardX")
+
+    vocab, merges = tokenizer_files
+    kw = dict(batch_size=16, output_dir=tmp_path, progress=False, log_every=2, save_every=2, num_steps=6)
+    GPT2(vocab_file=vocab, merges_file=merges, config=tiny_config).train(dataset, stop_at_step=4, **kw)
+    GPT2(vocab_file=vocab, merges_file=merges, config=tiny_config).train(dataset, **kw)
+    events = _events(tmp_path / "tensorboard")
+    scalars = {}
+    for _, e in events:
+        for v in e.summary.value:
+            scalars.setdefault(v.tag, []).append(e.step)
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "grad_norm", "learning_rate", "tokens_per_s", "perplexity"):
+        assert sorted(scalars[key]) == [r["step"] for r in logged if key in r] == [2, 4, 6], key
+    texts = {
+        v.tag.split("/")[0]
+        for _, e in events
+        for v in e.summary.value
+        if v.metadata.plugin_data.plugin_name == "text"
+    }
+    assert "config" in texts
+    # The resumed run's file starts by purging from its checkpoint step on (TensorBoard drops the rest).
+    files = sorted({name for name, _ in events})
+    assert len(files) == 2
+    resumed = [e for name, e in events if name == files[1]]
+    assert any(e.session_log.status == e.session_log.START and e.step == 4 for e in resumed)
