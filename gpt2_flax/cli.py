@@ -203,6 +203,15 @@ def cmd_info(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from gpt2_flax.plot import plot_run
+
+    if extra:
+        raise ConfigError(f"unrecognised arguments {list(extra)}")
+    print(f"gpt2-flax: wrote {plot_run(args.folder, args.output)}")
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace, extra: Sequence[str]) -> int:
     cfg = load_config(args.config, split_overrides(extra))  # before JAX: config errors at once
 
@@ -312,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="what a run or export folder holds, and how to go on from it")
     i.add_argument("folder", help="a training output_dir or an exported model folder")
     i.set_defaults(func=cmd_info)
+    pl = sub.add_parser("plot", help="loss.png of a run: loss, validation loss and learning rate")
+    pl.add_argument("folder", help="a training output_dir (it has metrics.jsonl)")
+    pl.add_argument("--output", help="the PNG to write (default: FOLDER/loss.png)")
+    pl.set_defaults(func=cmd_plot)
     c = sub.add_parser(
         "compile",
         help="compile the train step for a TPU slice on this machine (needs libtpu): memory, FLOPs",

@@ -40,6 +40,7 @@ RUN_OUTPUTS = (
     "metrics.jsonl",
     "samples.txt",
     "tensorboard",
+    "loss.png",
     RUN_FILE,
     TOKENIZER_FILE,
     "tokenizer",

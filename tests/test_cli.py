@@ -276,3 +276,18 @@ def test_info_says_what_a_folder_holds(trained_run, tmp_path: Path, capsys: pyte
     assert "an exported model" in out and "written by gpt2_flax" in out and "from_pretrained" in out
     assert cli.main(["info", str(tmp_path / "nothing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_loss_plot_at_the_end_of_a_run_and_on_demand(
+    trained_run, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    pytest.importorskip("matplotlib")
+    png = (trained_run.out_dir / "loss.png").read_bytes()  # written when the run finished
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert cli.main(["plot", str(trained_run.out_dir), "--output", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes().startswith(b"\x89PNG")
+    assert cli.main(["plot", str(tmp_path)]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as without the [plot] extra
+    assert cli.main(["plot", str(trained_run.out_dir), "--output", str(tmp_path / "x.png")]) == 2
+    assert "pip install 'gpt2_flax[plot]'" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
