@@ -83,6 +83,7 @@ def fit(
     run_dir = _open_run_dir(p, model, dataset, cfg, tokenizer, overwrite, tokenizer_files or {})
     out = epath.Path(str(run_dir.path))
     ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
+    logger = None
     try:
         resumed = restore(p, ckpt)
         state = resumed if resumed is not None else init_state(p, model)
@@ -104,8 +105,9 @@ def fit(
                 f"gpt2-flax: stopped at step {final}; checkpoint written to {ckpt.directory}. "
                 "Run the same command (same output_dir) to resume."
             )
-        logger.close()
     finally:
+        if logger is not None:  # also after an error: the last TensorBoard events are flushed
+            logger.close()
         ckpt.close()
         run_dir.close()
     return FitResult(state, p.graphdef, history, "stopped" if stopped else "finished", run_dir.run_id)
