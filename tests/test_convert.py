@@ -3,6 +3,7 @@ and clear errors for weights that do not fit."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -294,3 +295,34 @@ def test_exported_config_is_plain_hugging_face(random_export) -> None:
     assert cfg["eos_token_id"] == cfg["bos_token_id"] == ai.eos_token_id == 0
     for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
         assert cfg[key] == getattr(ai.config, key), key
+
+
+def test_the_export_has_a_model_card_and_never_replaces_a_users_readme(trained_run, tmp_path) -> None:
+    import yaml
+
+    card = (trained_run.out_dir / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert (
+        "| 2 | 32 | 4 | 32 |" in body
+        and "GPTLMHeadModel" not in body
+        and "GPT2LMHeadModel.from_pretrained" in body
+    )
+    last = json.loads((trained_run.out_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"final training loss {last['loss']:.4f}" in body and "60 steps" in body
+    assert "![training loss](loss.png)" in body
+    # A README.md that is not ours stays as it is, with overwrite too; the model files are replaced.
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "README.md").write_text("my notes\n")
+    trained_run.ai.save(folder)
+    trained_run.ai.save(folder, overwrite=True)
+    assert (folder / "README.md").read_text() == "my notes\n" and (folder / "model.safetensors").is_file()
+    # Ours, unchanged, is rewritten by the next export of the same model; edited, it is kept.
+    fresh = tmp_path / "fresh"
+    trained_run.ai.save(fresh)
+    assert (fresh / "README.md").read_text().startswith("---\nlibrary_name: transformers")
+    (fresh / "README.md").write_text("edited by hand\n")
+    trained_run.ai.save(fresh)
+    assert (fresh / "README.md").read_text() == "edited by hand\n"
