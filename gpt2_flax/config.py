@@ -12,6 +12,7 @@ naming the key, so a typo never silently trains the wrong model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -317,28 +318,42 @@ class Config:
 
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's documentation: the comment lines above it and the comment after it in this
-    file (the one source of `gpt2-flax train --help` and of the README's descriptions)."""
-    import inspect
+    file (the one source of `gpt2-flax train --help`). Read as text, not through inspect/ast:
+    every CLI call builds the help, and ast.parse of this module raised a CPython 3.11
+    SystemError ("AST constructor recursion depth mismatch") once in CI."""
     import io
     import tokenize
 
+    lines = _source_lines()
+    header = (f"class {cls.__name__}:", f"class {cls.__name__}(")
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    names = {f.name for f in dataclasses.fields(cls)}
     docs: dict[str, str] = {}
     pending: list[str] = []
-    lines = inspect.getsource(cls).splitlines()
-    for line in lines:
+    for line in lines[start + 1 :]:
+        if line and not line[0].isspace():
+            break  # the next top-level statement: the class body ended
         text = line.strip()
         if text.startswith("#"):
             pending.append(text.lstrip("# "))
             continue
-        name = text.split(":", 1)[0] if ":" in text and text.split(":", 1)[0].isidentifier() else None
-        if name is None or name not in {f.name for f in dataclasses.fields(cls)}:
+        name = text.split(":", 1)[0]
+        if name not in names:
             pending = []
             continue
-        comments = [t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(text).readline)
-                    if t.type == tokenize.COMMENT]  # fmt: skip
+        try:
+            tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+            comments = [t.string.lstrip("# ") for t in tokens if t.type == tokenize.COMMENT]
+        except tokenize.TokenError:
+            comments = []
         docs[name] = " ".join([*pending, *comments]).strip()
         pending = []
     return docs
+
+
+@functools.cache
+def _source_lines() -> tuple[str, ...]:
+    return tuple(Path(__file__).read_text(encoding="utf-8").splitlines())
 
 
 def _check_types(obj: Any, section: str) -> None:
