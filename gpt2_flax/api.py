@@ -106,6 +106,8 @@ class GPT2(GenerationMixin):
         model_cfg = self.model_config
         self.model = init_sharded(lambda: GPT2LMHeadModel(model_cfg, rngs=nnx.Rngs(seed)))
         weights = model if model is not None else model_folder
+        # The file the weights are exactly (None: random, or trained since): a LoRA base by reference.
+        self.weights_source = None if weights is None else str(weights)
         if weights is not None:
             load_hf_state_dict(self.model, read_weights(weights), source=str(weights))
 
@@ -175,6 +177,7 @@ class GPT2(GenerationMixin):
             )
         if tokenizer_fingerprint(data.tokenizer) != tokenizer_fingerprint(self.tokenizer):
             raise ConfigError("the dataset was encoded with a different tokenizer than this model's")
+        cfg = self._with_lora_base(cfg)
         sample = lambda params, step: self._training_samples(params, cfg.train, step)
         result = fit(
             self.model,
@@ -186,13 +189,30 @@ class GPT2(GenerationMixin):
             progress=progress,
             tokenizer_files=self.tokenizer_files,
         )
-        self.model = nnx.merge(result.graphdef, result.state.params)
+        self.model = nnx.merge(result.graphdef, result.params)
+        self.weights_source = None  # the weights are no longer the file's
         self.lineage = result.run_id  # the export at the end (and later saves) belong to this run
         _plot_if_possible(cfg.train.output_dir)  # (before the export: its model card shows the plot)
         if not result.stopped_early:  # a stopped run resumes later; the export is of final weights
             self.save(cfg.train.output_dir, overwrite=overwrite)
         self.stopped_early = result.stopped_early  # public (aitextgen users read it after train)
         return result
+
+    def _with_lora_base(self, cfg: Config) -> Config:
+        """Under LoRA the checkpoints hold the adapters only, so the base must be weights on disk
+        that a resume (or `gpt2-flax export` of a checkpoint) can load again: model.init_from,
+        set here from the file this model was loaded from."""
+        if not cfg.train.lora_rank or cfg.model.init_from:
+            return cfg
+        if self.weights_source is None:
+            raise ConfigError(
+                "train.lora_rank adapts a pretrained model, and this one's weights are not a file "
+                "(random, or trained since they were loaded): load the base with "
+                "GPT2(model_folder=...) (or save this model and load it back), or start from "
+                "model.init_from on the CLI"
+            )
+        self.model_config = dataclasses.replace(self.model_config, init_from=self.weights_source)
+        return dataclasses.replace(cfg, model=self.model_config)
 
     def save(self, target_folder: PathLike = "trained_model", overwrite: bool = False) -> Path:
         """Writes config.json, model.safetensors, pytorch_model.bin (with torch) and tokenizer files."""

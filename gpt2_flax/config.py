@@ -191,6 +191,12 @@ class TrainConfig:
     # Parameters to freeze by path pattern (fnmatch), e.g. ["wpe.*", "h.attn.*"]: whole stacked
     # tensors (every layer). Frozen parameters get no update and no optimizer moments.
     freeze: tuple[str, ...] = ()
+    # LoRA rank: 0 = off; > 0 trains low-rank adapters on lora_targets and keeps every base weight
+    # as loaded (needs a base: model.init_from, or GPT2(model_folder=...)). The export merges them.
+    lora_rank: int = 0
+    lora_alpha: float = 8.0  # LoRA's scale is lora_alpha / lora_rank (PEFT's convention and default)
+    # The block projections that get adapters (fnmatch patterns over these four names).
+    lora_targets: tuple[str, ...] = ("h.attn.c_attn", "h.attn.c_proj", "h.mlp.c_fc", "h.mlp.c_proj")
     grad_accum_steps: int = 1  # microbatches per step; batch_size must divide by it
     seed: int = 42  # parameters, data order and dropout all derive from it
     log_every: int = 10  # host sync, progress bar and metrics.jsonl line every N steps
@@ -259,6 +265,17 @@ class TrainConfig:
             raise ConfigError(
                 f"train.num_layers_freeze={self.num_layers_freeze} needs train.freeze_layers=true and a "
                 "count >= 0 (null = all blocks but the last)"
+            )
+        if self.lora_rank < 0:
+            raise ConfigError(f"train.lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
+        if not (0.0 < self.lora_alpha < math.inf):
+            raise ConfigError(f"train.lora_alpha must be a finite number > 0, got {self.lora_alpha}")
+        if self.lora_rank and not self.lora_targets:
+            raise ConfigError("train.lora_targets is empty: LoRA needs at least one projection to adapt")
+        if self.lora_rank and (self.freeze_layers or self.freeze):
+            raise ConfigError(
+                "train.lora_rank already freezes every base weight (only the adapters train); "
+                "leave train.freeze_layers / train.freeze unset with LoRA"
             )
         if self.lr_schedule not in ("cosine", "linear", "constant", "wsd"):
             raise ConfigError(

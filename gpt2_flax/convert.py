@@ -388,12 +388,23 @@ def _write_weights(sd: dict[str, np.ndarray], folder: Path) -> None:
     torch.save(tensors, folder / "pytorch_model.bin")
 
 
+def _lora_base(init_from: str | None) -> Path:
+    from gpt2_flax.api import pretrained_folder
+
+    if init_from is None:  # (GPT2.fit never starts a LoRA run without one)
+        raise ExportError("this LoRA run records no base model (model.init_from) to merge into")
+    path = Path(init_from).expanduser()
+    return path if path.is_file() else pretrained_folder(init_from)
+
+
 def export_checkpoint(
     run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, overwrite: bool = False
 ) -> Path:
-    """Exports a training checkpoint (parameters only: no optimizer state is read) for PyTorch."""
+    """Exports a training checkpoint (parameters only: no optimizer state is read) for PyTorch.
+    A LoRA run's checkpoint holds adapters: they are merged into its base (model.init_from)."""
     import jax
 
+    from gpt2_flax import lora
     from gpt2_flax.checkpoint import Checkpointer
     from gpt2_flax.config import config_from_dict
     from gpt2_flax.tokenizer import load_tokenizer
@@ -402,7 +413,8 @@ def export_checkpoint(
     run_file = run_dir / "run.json"
     if not run_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training output_dir (it has no run.json)")
-    cfg = config_from_dict(json.loads(run_file.read_text())["config"]).model
+    run_cfg = config_from_dict(json.loads(run_file.read_text())["config"])
+    cfg = run_cfg.model
     tokenizer = load_tokenizer(tokenizer_file=run_dir / "run_tokenizer.json")
     abstract = nnx.eval_shape(lambda: GPT2LMHeadModel(cfg))
     graphdef, state = nnx.split(abstract)
@@ -410,6 +422,9 @@ def export_checkpoint(
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state)
     )
+    base = target
+    if lora.enabled(run_cfg.train):
+        target = lora.abstract_adapters(base, run_cfg.train)
     ckpt = Checkpointer(run_dir / "checkpoints")
     try:
         steps = ckpt.all_steps()
@@ -422,5 +437,9 @@ def export_checkpoint(
     finally:
         ckpt.close()
     lineage = json.loads(run_file.read_text()).get("run_id") or f"run:{run_dir.resolve()}"
+    if lora.enabled(run_cfg.train):
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), base))
+        load_hf_state_dict(model, read_weights(_lora_base(cfg.init_from)), source=str(cfg.init_from))
+        params = lora.merge(nnx.to_pure_dict(nnx.state(model)), params, lora.scale(run_cfg.train))
     model = nnx.merge(graphdef, params)
     return export_pretrained(model, tokenizer, out_dir, overwrite=overwrite, lineage=lineage)

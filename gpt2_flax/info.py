@@ -58,6 +58,12 @@ def _run_lines(folder: Path, run: dict[str, Any]) -> list[str]:
         f"  progress: step {done} of {planned} ({state})",
         f"  checkpoints: {', '.join(map(str, steps)) or 'none'} in {folder / 'checkpoints'}",
     ]
+    lora = run.get("lora")
+    if lora:
+        lines.append(
+            f"  LoRA: rank {lora['rank']}, alpha {lora['alpha']} on {', '.join(lora['targets'])}; "
+            f"base {lora['base']} (the checkpoints hold the adapters only)"
+        )
     data = run.get("data") or {}
     files = data.get("files") or []
     shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -25,19 +24,22 @@ from gpt2_flax.model import GPT2LMHeadModel, count_params
 from gpt2_flax.preemption import StopRequest
 from gpt2_flax.run_dir import RunDir, data_identity
 from gpt2_flax.sharding import agree
-from gpt2_flax.train import Plan, TrainState, build, init_state, to_global
+from gpt2_flax.train import Plan, TrainState, build, init_state, resumed_state, to_global
 
 
-def restore(p: Plan, ckpt: Checkpointer, say: Callable[[str], None] = print) -> TrainState | None:
+def restore(
+    p: Plan, ckpt: Checkpointer, model: GPT2LMHeadModel, say: Callable[[str], None] = print
+) -> TrainState | None:
     """The newest readable checkpoint as a TrainState on this plan's shardings (None: there is
     none). Its step is the checkpoint's name. One that cannot be read (damaged on disk) is moved
-    aside, named in a warning, and never deleted."""
+    aside, named in a warning, and never deleted. model: the run's model as it started (under
+    LoRA the base, which the checkpoint holds by reference only)."""
     if ckpt.latest_step() is None:  # (RunDir.check refused a finished run already)
         return None
     target = p.abstract_state
     for step in reversed(ckpt.all_steps()):
         try:
-            out = ckpt.restore(step, target.params, target.opt_state)
+            out = ckpt.restore(step, p.saved(target.params), target.opt_state)
         except Exception as e:  # Orbax/TensorStore raise many types for a damaged step
             kept = ckpt.set_aside(step)
             say(
@@ -45,8 +47,7 @@ def restore(p: Plan, ckpt: Checkpointer, say: Callable[[str], None] = print) -> 
                 f"{str(e).splitlines()[0][:200]}); kept as {kept}, resuming from an older one"
             )
             continue
-        state_step = jax.device_put(jnp.int32(step), p.state_shardings.step)
-        return TrainState(state_step, out["params"], out["opt_state"])
+        return resumed_state(p, model, step, out["params"], out["opt_state"])
     say("gpt2-flax: warning: no checkpoint could be read; starting from step 0")
     return None
 
@@ -55,6 +56,7 @@ def restore(p: Plan, ckpt: Checkpointer, say: Callable[[str], None] = print) -> 
 class FitResult:
     state: TrainState  # the final one (its step: how far the run got)
     graphdef: Any
+    params: Any  # the model's parameters at the end (state.params, LoRA adapters merged in)
     history: list[dict[str, Any]]
     stop_reason: str  # "finished", or "stopped" (a signal or stop_at_step: resume with the same output_dir)
     run_id: str = ""  # run.json's: the lineage of the export
@@ -85,7 +87,7 @@ def fit(
     ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
     logger = None
     try:
-        resumed = restore(p, ckpt)
+        resumed = restore(p, ckpt, model)
         state = resumed if resumed is not None else init_state(p, model)
         start = int(jax.device_get(state.step))
         trim_metrics(out, start)
@@ -97,7 +99,7 @@ def fit(
         with StopRequest() as stop, jax.set_mesh(p.mesh):  # every jitted call traces under the mesh
             state, history, stopped = _loop(_Run(p, dataset, tc, ckpt, logger, stop, sample_fn), state)
         final = int(jax.device_get(state.step))
-        _save(ckpt, final, state, tc.seed, force=True)
+        _save(p, ckpt, final, state, force=True)
         ckpt.wait()  # the last checkpoint is complete before we return (or the process exits)
         logger.write(logger.summary())
         if stopped:
@@ -110,7 +112,8 @@ def fit(
             logger.close()
         ckpt.close()
         run_dir.close()
-    return FitResult(state, p.graphdef, history, "stopped" if stopped else "finished", run_dir.run_id)
+    reason = "stopped" if stopped else "finished"
+    return FitResult(state, p.graphdef, p.merge_fn(state.params), history, reason, run_dir.run_id)
 
 
 def _open_run_dir(
@@ -240,10 +243,10 @@ def _steps(
             timed_save = _time_to_save(tc, last_save)
         if done < end and (timed_save or (tc.save_every and done % tc.save_every == 0)):
             _check_finite(pending, done)  # never checkpoint a NaN state
-            _save(run.ckpt, done, state, tc.seed)
+            _save(p, run.ckpt, done, state)
             last_save = time.monotonic()
         if run.sample_fn is not None and tc.generate_every and done % tc.generate_every == 0:
-            texts = run.sample_fn(state.params, done)  # every process: the sampler is a collective
+            texts = run.sample_fn(p.merge_fn(state.params), done)  # every process: a collective
             run.logger.write(append_samples(run.logger.output_dir, done, texts))
             run.logger.text("samples", "\n\n---\n\n".join(texts), done)
         if done < end and run.stop.should_stop(done):
@@ -285,8 +288,9 @@ def _time_to_save(tc: TrainConfig, last_save: float) -> bool:
     return due
 
 
-def _save(ckpt: Checkpointer, step: int, state: TrainState, seed: int, force: bool = False) -> None:
-    ckpt.save(step, state.params, state.opt_state, {"seed": seed}, force=force)
+def _save(plan: Plan, ckpt: Checkpointer, step: int, state: TrainState, force: bool = False) -> None:
+    seed = plan.train.seed
+    ckpt.save(step, plan.saved(state.params), state.opt_state, {"seed": seed}, force=force)
 
 
 def _check_finite(pending: list[dict[str, jax.Array]], step: int) -> None:

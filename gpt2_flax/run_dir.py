@@ -53,6 +53,7 @@ _IDENTITY = {
     "batch_size": "train.batch_size",
     "seed": "train.seed",
     "frozen": "what is frozen (train.freeze_layers, num_layers_freeze, freeze)",
+    "lora": "LoRA (train.lora_rank, lora_alpha, lora_targets) or its base model's weights",
 }
 
 
@@ -286,6 +287,24 @@ def identity(cfg: Config, tokenizer_fingerprint: str, data: dict[str, Any]) -> d
         "seed": cfg.train.seed,
         # The optimizer state's structure follows it: a resume with other freezing cannot restore.
         "frozen": [cfg.train.freeze_layers, cfg.train.num_layers_freeze, list(cfg.train.freeze)],
+        # The checkpoint holds only the adapters: the base must be the very weights they adapt.
+        "lora": _lora_identity(cfg),
+    }
+
+
+def _lora_identity(cfg: Config) -> dict[str, Any] | None:
+    tc = cfg.train
+    if not tc.lora_rank:
+        return None
+    base = Path(str(cfg.model.init_from)).expanduser()
+    files = [base] if base.is_file() else sorted(base.glob("*.safetensors")) + sorted(base.glob("*.bin"))
+    weights = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
+    return {
+        "rank": tc.lora_rank,
+        "alpha": tc.lora_alpha,
+        "targets": list(tc.lora_targets),
+        "base": str(cfg.model.init_from),
+        "base_weights": weights or None,  # (a Hub id resolves to its cached snapshot's files)
     }
 
 

@@ -21,6 +21,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from gpt2_flax import lora
 from gpt2_flax.config import Config, ConfigError, TrainConfig
 from gpt2_flax.model import GPT2LMHeadModel
 from gpt2_flax.sharding import (
@@ -35,7 +36,9 @@ from gpt2_flax.sharding import (
 @struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: dict[str, Any]  # nested dict of arrays, the model's nnx.Param state
+    # Nested dict of arrays, the model's nnx.Param state; under LoRA {"base": that, "lora": the
+    # adapters} (lora.py), and then only params["lora"] is optimized and checkpointed.
+    params: dict[str, Any]
     opt_state: Any
 
 
@@ -59,8 +62,10 @@ def lr_schedule(tc: TrainConfig) -> optax.Schedule:
 
 
 def _decay_mask(params: dict[str, Any]) -> dict[str, Any]:
-    # Weight decay only on matmul kernels: never biases, LayerNorm scales or embeddings.
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+    # Weight decay only on matmul kernels (and LoRA's adapters, as HF's Trainer decays PEFT's):
+    # never biases, LayerNorm scales or embeddings.
+    decayed = ("kernel", "lora_a", "lora_b")
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in decayed, params)
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
@@ -124,6 +129,11 @@ def loss_sums(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array
     return (ce * weights).sum(), weights.sum()
 
 
+def model_params(params: Any, lora_scale: float | None) -> Any:
+    """The model's parameters of a TrainState's params: the adapters merged in under LoRA."""
+    return params if lora_scale is None else lora.merge(params["base"], params["lora"], lora_scale)
+
+
 def _forward(graphdef: Any, params: Any, batch: dict[str, jax.Array], key: jax.Array | None) -> jax.Array:
     model = nnx.merge(graphdef, params)
     return model(
@@ -143,17 +153,21 @@ def train_step(
     seed: int,
     accum: int,
     use_dropout: bool,
+    lora_scale: float | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step over the global batch, split into `accum` microbatches."""
+    """One optimizer step over the global batch, split into `accum` microbatches. Under LoRA
+    (lora_scale set) the gradient is taken of the adapters alone; the base is a constant."""
     key = jax.random.fold_in(jax.random.key(seed), state.step)  # dropout: a pure function of (seed, step)
+    trainable = state.params if lora_scale is None else state.params["lora"]
 
-    def micro(params: Any, mb: dict[str, jax.Array], i: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def micro(trained: Any, mb: dict[str, jax.Array], i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        params = trained if lora_scale is None else lora.merge(state.params["base"], trained, lora_scale)
         logits = _forward(graphdef, params, mb, jax.random.fold_in(key, i) if use_dropout else None)
         return loss_sums(logits, mb)
 
     grad_fn = jax.value_and_grad(micro, has_aux=True)
     if accum == 1:
-        (loss_sum, count), grads = grad_fn(state.params, batch, jnp.int32(0))
+        (loss_sum, count), grads = grad_fn(trainable, batch, jnp.int32(0))
     else:
         # (B, T) -> (accum, B/accum, T) taking rows i*accum + j, so every device keeps an equal
         # share of each microbatch and nothing moves between devices.
@@ -161,29 +175,33 @@ def train_step(
 
         def body(carry: Any, xs: Any) -> tuple[Any, None]:
             (loss_acc, n_acc, g_acc), (mb, i) = carry, xs
-            (loss, n), g = grad_fn(state.params, mb, i)
+            (loss, n), g = grad_fn(trainable, mb, i)
             return (loss_acc + loss, n_acc + n, jax.tree.map(jnp.add, g_acc, g)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
         init = (jnp.float32(0), jnp.float32(0), zeros)
         (loss_sum, count, grads), _ = jax.lax.scan(body, init, (mbs, jnp.arange(accum)))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)  # mean over every counted token of the batch
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # param_norm is also the NaN guard: it is finite only if every parameter is (see _check_finite).
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trained = optax.apply_updates(trainable, updates)
+    # param_norm is also the NaN guard: it is finite only if every trained parameter is (see
+    # _check_finite); under LoRA it is the adapters' norm (the base never changes).
     metrics = {
         "loss": loss_sum / count,
         "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
+        "param_norm": optax.tree.norm(trained),
     }
+    params = trained if lora_scale is None else {"base": state.params["base"], "lora": trained}
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def eval_sums(graphdef: Any, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def eval_sums(
+    graphdef: Any, params: Any, batch: dict[str, jax.Array], lora_scale: float | None = None
+) -> tuple[jax.Array, jax.Array]:
     """(loss sum, token count) of a batch without dropout: summed over batches, then divided, so a
     padded last batch weighs exactly its real tokens."""
-    return loss_sums(_forward(graphdef, params, batch, None), batch)
+    return loss_sums(_forward(graphdef, model_params(params, lora_scale), batch, None), batch)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -202,6 +220,17 @@ class Plan:
     eval_fn: Callable[..., Any]
     schedule: optax.Schedule
     tx: optax.GradientTransformation
+    train: TrainConfig
+    merge_fn: Callable[[Any], Any]  # TrainState.params -> the model's parameters (jitted)
+
+    @property
+    def lora_scale(self) -> float | None:
+        return lora.scale(self.train) if lora.enabled(self.train) else None
+
+    def saved(self, params: Any) -> Any:
+        """What a checkpoint holds of TrainState.params: under LoRA the adapters alone (the base
+        is kept by reference: model.init_from, reloaded at resume)."""
+        return params["lora"] if lora.enabled(self.train) else params
 
 
 def check_layout(cfg: Config, mesh: Mesh) -> None:
@@ -247,7 +276,12 @@ def plan(graphdef: Any, model_state: nnx.State, cfg: Config, mesh: Mesh) -> Plan
         nnx.to_pure_dict(model_state),
         p_shard,
     )
-    o_abstract = jax.eval_shape(tx.init, p_abstract)
+    trained = p_abstract  # what the optimizer sees
+    if lora.enabled(cfg.train):
+        trained = lora.abstract_adapters(p_abstract, cfg.train)
+        p_shard = {"base": p_shard, "lora": jax.tree.map(lambda x: x.sharding, trained)}
+        p_abstract = {"base": p_abstract, "lora": trained}
+    o_abstract = jax.eval_shape(tx.init, trained)
     # Optimizer moments shard like their parameters; scalars (the step count) are replicated.
     # (Frozen parameters have no moments: a MaskedNode stands in their place and stays.)
     masked = optax.MaskedNode
@@ -255,7 +289,7 @@ def plan(graphdef: Any, model_state: nnx.State, cfg: Config, mesh: Mesh) -> Plan
         tx,
         lambda x, s: x if isinstance(x, masked) else s,
         o_abstract,
-        p_shard,
+        jax.tree.map(lambda x: x.sharding, trained),
         transform_non_params=lambda _: replicated(mesh),
         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct | masked),
     )
@@ -265,6 +299,7 @@ def plan(graphdef: Any, model_state: nnx.State, cfg: Config, mesh: Mesh) -> Plan
         TrainState(jax.ShapeDtypeStruct((), jnp.int32), p_abstract, o_abstract),
         shardings,
     )
+    lora_scale = lora.scale(cfg.train) if lora.enabled(cfg.train) else None
     step = functools.partial(
         train_step,
         graphdef=graphdef,
@@ -272,6 +307,7 @@ def plan(graphdef: Any, model_state: nnx.State, cfg: Config, mesh: Mesh) -> Plan
         seed=cfg.train.seed,
         accum=cfg.train.grad_accum_steps,
         use_dropout=cfg.model.dropout > 0,
+        lora_scale=lora_scale,
     )
     step_fn = jax.jit(
         step,  # called under jax.set_mesh(mesh) (loop.py), so its constraints apply
@@ -280,11 +316,15 @@ def plan(graphdef: Any, model_state: nnx.State, cfg: Config, mesh: Mesh) -> Plan
         donate_argnums=0,
     )
     eval_fn = jax.jit(
-        functools.partial(eval_sums, graphdef),
+        functools.partial(eval_sums, graphdef, lora_scale=lora_scale),
         in_shardings=(shardings.params, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )
-    return Plan(mesh, graphdef, shardings, abstract, step_fn, eval_fn, lr_schedule(cfg.train), tx)
+    merge_fn = functools.partial(model_params, lora_scale=lora_scale)
+    if lora_scale is not None:
+        merge_fn = jax.jit(merge_fn, out_shardings=shardings.params["base"])
+    schedule = lr_schedule(cfg.train)
+    return Plan(mesh, graphdef, shardings, abstract, step_fn, eval_fn, schedule, tx, cfg.train, merge_fn)
 
 
 def build(model: GPT2LMHeadModel, cfg: Config, mesh: Mesh | None = None) -> Plan:
@@ -293,14 +333,30 @@ def build(model: GPT2LMHeadModel, cfg: Config, mesh: Mesh | None = None) -> Plan
     return plan(graphdef, model_state, cfg, mesh or make_mesh(cfg.mesh))
 
 
-def init_state(p: Plan, model: GPT2LMHeadModel) -> TrainState:
-    """Step 0: the model's parameters and a fresh optimizer state, placed on the plan's mesh."""
+def _model_copy(p: Plan, model: GPT2LMHeadModel) -> Any:
     # A copy, not device_put: the step donates its input buffers, and the model's own arrays must
     # survive a run that stops with an error (ai.model stays usable).
-    copy = jax.jit(lambda x: jax.tree.map(jnp.copy, x), out_shardings=p.state_shardings.params)
-    params = copy(nnx.to_pure_dict(nnx.state(model)))
-    opt_state = jax.jit(p.tx.init, out_shardings=p.state_shardings.opt_state)(params)
+    shardings = p.state_shardings.params
+    shardings = shardings["base"] if lora.enabled(p.train) else shardings
+    copy = jax.jit(lambda x: jax.tree.map(jnp.copy, x), out_shardings=shardings)
+    return copy(nnx.to_pure_dict(nnx.state(model)))
+
+
+def init_state(p: Plan, model: GPT2LMHeadModel) -> TrainState:
+    """Step 0: the model's parameters (under LoRA: the base, and fresh adapters) and a fresh
+    optimizer state, placed on the plan's mesh."""
+    params = _model_copy(p, model)
+    if lora.enabled(p.train):
+        params = {"base": params, "lora": lora.init_adapters(p.abstract_state.params["lora"], p.train.seed)}
+    opt_state = jax.jit(p.tx.init, out_shardings=p.state_shardings.opt_state)(p.saved(params))
     return TrainState(jax.device_put(jnp.int32(0), p.state_shardings.step), params, opt_state)
+
+
+def resumed_state(p: Plan, model: GPT2LMHeadModel, step: int, saved: Any, opt_state: Any) -> TrainState:
+    """The TrainState of a restored checkpoint (`saved` = what `Plan.saved` kept); under LoRA the
+    base is `model`'s parameters again (the run's model.init_from, loaded as at its start)."""
+    params = {"base": _model_copy(p, model), "lora": saved} if lora.enabled(p.train) else saved
+    return TrainState(jax.device_put(jnp.int32(step), p.state_shardings.step), params, opt_state)
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -259,7 +259,7 @@ def _restore_logits(run: Path, mesh: dict[str, int], ids: np.ndarray) -> np.ndar
     cfg = config_from_dict({**cfg.to_dict(), "mesh": mesh})
     model = GPT2LMHeadModel(cfg.model)
     plan = build(model, cfg)
-    state = restore(plan, Checkpointer(run / "checkpoints"))
+    state = restore(plan, Checkpointer(run / "checkpoints"), model)
     assert state is not None and int(state.step) > 0
     leaf = state.params["h"]["mlp"]["c_fc"]["kernel"]
     assert tuple(leaf.sharding.spec) == (None, "fsdp", "tensor")  # restored onto THIS mesh's layout
@@ -331,7 +331,7 @@ def test_checkpoint_in_the_old_c_attn_layout_still_resumes(tmp_path) -> None:
     ckpt = Checkpointer(tmp_path / "checkpoints")
     ckpt.save(1, *old, {"seed": 42})
     ckpt.wait()
-    back = restore(plan, ckpt, say=pytest.fail)  # nothing set aside, no warning
+    back = restore(plan, ckpt, model, say=pytest.fail)  # nothing set aside, no warning
     ckpt.close()
     assert back is not None and int(back.step) == 1
     for a, b in zip(
