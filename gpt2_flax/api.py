@@ -376,7 +376,9 @@ def _run_dataset(cfg: Config, files: list[str], tokenizer: Any) -> Any:
 def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True, samples: int = 3) -> GPT2:
     """The CLI's train job: data -> tokenizer (trained if none is given) -> dataset -> GPT-2 -> export."""
     from gpt2_flax.data import local_cache_dir, write_demo_corpus
+    from gpt2_flax.metrics import check_wandb
 
+    check_wandb(cfg.train.wandb_project)  # (fit checks it too; here before the tokenizer and data work)
     out = Path(cfg.train.output_dir)
     files = list(cfg.data.files)
     if not files and not cfg.data.from_cache:

@@ -69,6 +69,8 @@ def test_overrides_and_types() -> None:
         (["model.n_head=5"], "divisible"),
         (["data.block_size=64"], "block_size"),
         (["train.batch_size=0"], "batch_size"),
+        (["train.wandb_mode=offline"], "needs train.wandb_project"),
+        (["train.wandb_project=p", "train.wandb_mode=cloud"], "online or offline"),
     ],
 )
 def test_bad_config_values(overrides: list[str], message: str) -> None:
