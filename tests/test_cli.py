@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import fake_hub
 
 from gpt2_flax import cli
 from gpt2_flax.config import (
@@ -278,6 +279,23 @@ def test_info_says_what_a_folder_holds(trained_run, tmp_path: Path, capsys: pyte
     assert "an exported model" in out and "written by gpt2_flax" in out and "from_pretrained" in out
     assert cli.main(["info", str(tmp_path / "nothing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_export_pushes_to_the_hub_or_says_in_one_line_why_not(
+    trained_run, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture
+) -> None:
+    calls = fake_hub(monkeypatch)
+    out = tmp_path / "export"
+    args = ["export", "--checkpoint", str(trained_run.out_dir), "--output", str(out), "--push-to-hub", "me/t"]
+    assert cli.main(args) == 0
+    assert [c[:3] for c in calls] == [("create_repo", "me/t", True), ("upload_folder", "me/t", str(out))]
+    assert "uploaded" in capsys.readouterr().out
+    fake_hub(monkeypatch, fail=ConnectionError("Failed to establish a new connection"))
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2-flax export: error: pushing to the Hugging Face Hub repo 'me/t' failed")
+    assert err.count("\n") == 1 and f"The export in {out} is complete" in err
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
 
 def test_loss_plot_at_the_end_of_a_run_and_on_demand(
