@@ -281,6 +281,26 @@ def test_info_says_what_a_folder_holds(trained_run, tmp_path: Path, capsys: pyte
     assert "is not a folder" in capsys.readouterr().err
 
 
+def test_info_on_a_stopped_run_says_how_far_and_how_to_resume(
+    tokenizer_files, tiny_config, dataset, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from gpt2_flax import GPT2
+
+    vocab, merges = tokenizer_files
+    # (num_steps=6 as in test_metrics' trainings: the same train step, compiled once per session)
+    GPT2(vocab_file=vocab, merges_file=merges, config=tiny_config).train(
+        dataset, batch_size=16, num_steps=6, stop_at_step=2, output_dir=tmp_path, log_every=2, progress=False
+    )
+    capsys.readouterr()
+    assert cli.main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "progress: step 2 of 6 (resumable)" in out
+    assert f"checkpoints: 2 in {tmp_path / 'checkpoints'}" in out
+    assert "at step 2" in out and "export: none yet" in out
+    assert "next: run the same train command (same output_dir) to resume" in out
+    assert f"gpt2-flax export --checkpoint {tmp_path} --step 2 --output DIR" in out
+
+
 def test_export_pushes_to_the_hub_or_says_in_one_line_why_not(
     trained_run, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture
 ) -> None:
