@@ -214,10 +214,21 @@ class GPT2(GenerationMixin):
         self.model_config = dataclasses.replace(self.model_config, init_from=self.weights_source)
         return dataclasses.replace(cfg, model=self.model_config)
 
-    def save(self, target_folder: PathLike = "trained_model", overwrite: bool = False) -> Path:
-        """Writes config.json, model.safetensors, pytorch_model.bin (with torch) and tokenizer files."""
+    def save(
+        self,
+        target_folder: PathLike = "trained_model",
+        overwrite: bool = False,
+        push_to_hub: str | None = None,
+    ) -> Path:
+        """Writes config.json, model.safetensors, pytorch_model.bin (with torch), tokenizer files and
+        the model card; push_to_hub="USER/NAME" then uploads them to that Hugging Face Hub repo."""
         return export_pretrained(
-            self.model, self.tokenizer, target_folder, overwrite=overwrite, lineage=self.lineage
+            self.model,
+            self.tokenizer,
+            target_folder,
+            overwrite=overwrite,
+            lineage=self.lineage,
+            push_to_hub=push_to_hub,
         )
 
     def _training_samples(self, params: Any, tc: TrainConfig, step: int) -> list[str]:
@@ -396,7 +407,9 @@ def _run_dataset(cfg: Config, files: list[str], tokenizer: Any) -> Any:
 def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True, samples: int = 3) -> GPT2:
     """The CLI's train job: data -> tokenizer (trained if none is given) -> dataset -> GPT-2 -> export."""
     from gpt2_flax.data import local_cache_dir, write_demo_corpus
+    from gpt2_flax.metrics import check_wandb
 
+    check_wandb(cfg.train.wandb_project)  # (fit checks it too; here before the tokenizer and data work)
     out = Path(cfg.train.output_dir)
     files = list(cfg.data.files)
     if not files and not cfg.data.from_cache:

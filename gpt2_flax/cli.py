@@ -189,7 +189,9 @@ def cmd_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     if extra:
         raise ConfigError(f"unrecognised arguments {list(extra)}")
-    out = export_checkpoint(args.checkpoint, args.output, step=args.step, overwrite=args.overwrite)
+    out = export_checkpoint(
+        args.checkpoint, args.output, step=args.step, overwrite=args.overwrite, push_to_hub=args.push_to_hub
+    )
     print(f"exported to {out}: load it with transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})")
     return 0
 
@@ -317,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     e.add_argument("--output", required=True, help="folder to write config.json, model.safetensors, ...")
     e.add_argument("--overwrite", action="store_true", help="replace another model's export in --output")
+    e.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="then upload the export to this Hugging Face Hub repo (USER/NAME)",
+    )
     e.set_defaults(func=cmd_export)
     i = sub.add_parser("info", help="what a run or export folder holds, and how to go on from it")
     i.add_argument("folder", help="a training output_dir or an exported model folder")

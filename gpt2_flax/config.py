@@ -219,6 +219,10 @@ class TrainConfig:
     peak_flops: float = 0.0
     # TensorBoard event files in output_dir/tensorboard (needs the [tensorboard] extra: tensorboardX).
     tensorboard: bool = True
+    wandb_project: str | None = None  # also log to this Weights & Biases project ([wandb] extra); null = off
+    # W&B mode: online | offline (no network: files in output_dir/wandb, `wandb sync` them later);
+    # null = $WANDB_MODE, else online.
+    wandb_mode: str | None = None
 
     def __post_init__(self) -> None:
         _check_types(self, "train")
@@ -280,6 +284,16 @@ class TrainConfig:
         if self.lr_schedule not in ("cosine", "linear", "constant", "wsd"):
             raise ConfigError(
                 f"train.lr_schedule must be cosine, linear, constant or wsd, got {self.lr_schedule!r}"
+            )
+        if self.wandb_project is not None and not self.wandb_project.strip():
+            raise ConfigError("train.wandb_project must be a W&B project name, or null for no W&B logging")
+        if self.wandb_mode not in (None, "online", "offline"):
+            raise ConfigError(
+                f"train.wandb_mode must be online or offline (or null = $WANDB_MODE), got {self.wandb_mode!r}"
+            )
+        if self.wandb_mode is not None and self.wandb_project is None:
+            raise ConfigError(
+                f"train.wandb_mode={self.wandb_mode} needs train.wandb_project (the W&B project to log to)"
             )
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(

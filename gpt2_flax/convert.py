@@ -302,14 +302,19 @@ def export_pretrained(
     *,
     overwrite: bool = False,
     lineage: str | None = None,
+    push_to_hub: str | None = None,
 ) -> Path:
     """Writes the PyTorch-ready folder for `model` and its `tokenizers.Tokenizer`. `lineage` names
     where the model comes from (a run id, or the folder it was loaded from): a folder exported
-    before with the same lineage, untouched since, is replaced without `overwrite`."""
+    before with the same lineage, untouched since, is replaced without `overwrite`. push_to_hub:
+    then upload the folder to this Hugging Face Hub repo (hub.py)."""
     import jax
 
+    from gpt2_flax import hub
     from gpt2_flax.tokenizer import eos_token_id, save_transformers_tokenizer
 
+    if push_to_hub is not None:
+        hub.check_repo(push_to_hub, out_dir)  # a bad repo id fails before anything is written
     out_dir = epath.Path(out_dir)
     config = model.config.to_hf_config(eos_token_id(tokenizer))  # the boundary: config.json
     state_dict = to_hf_state_dict(model)  # a collective on multi-host runs: every process gathers
@@ -351,6 +356,10 @@ def export_pretrained(
                 (out_dir / name).unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if push_to_hub is not None:
+        # The export's own files, and loss.png: not in the manifest, but the model card shows it.
+        sent = [*manifest["files"], MANIFEST, *(["loss.png"] if (out_dir / "loss.png").exists() else [])]
+        print(f"gpt2-flax: uploaded {out_dir} to {hub.push_folder(Path(out_dir), push_to_hub, sent)}")
     return out_dir
 
 
@@ -398,10 +407,16 @@ def _lora_base(init_from: str | None) -> Path:
 
 
 def export_checkpoint(
-    run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, overwrite: bool = False
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    step: int | None = None,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
 ) -> Path:
-    """Exports a training checkpoint (parameters only: no optimizer state is read) for PyTorch.
-    A LoRA run's checkpoint holds adapters: they are merged into its base (model.init_from)."""
+    """Exports a training checkpoint (parameters only: no optimizer state is read) for PyTorch;
+    push_to_hub: then upload it to this Hugging Face Hub repo. A LoRA run's checkpoint holds
+    adapters: they are merged into its base (model.init_from)."""
     import jax
 
     from gpt2_flax import lora
@@ -442,4 +457,6 @@ def export_checkpoint(
         load_hf_state_dict(model, read_weights(_lora_base(cfg.init_from)), source=str(cfg.init_from))
         params = lora.merge(nnx.to_pure_dict(nnx.state(model)), params, lora.scale(run_cfg.train))
     model = nnx.merge(graphdef, params)
-    return export_pretrained(model, tokenizer, out_dir, overwrite=overwrite, lineage=lineage)
+    return export_pretrained(
+        model, tokenizer, out_dir, overwrite=overwrite, lineage=lineage, push_to_hub=push_to_hub
+    )

@@ -7,6 +7,8 @@ traceback. This module imports nothing heavy, so the CLI can catch these before 
     |-- DataError         input that cannot be read as asked (bad CSV/JSONL rows, binary files,
     |                     truncated weights or config files)
     |-- ExportError       an export folder that holds another model (never overwritten unasked)
+    |-- HubError          the Hugging Face Hub cannot take an upload (offline, no token or access);
+    |                     the local export is complete
     `-- TrainingError     training cannot go on (NaN loss ...)
         `-- CheckpointError  the output folder cannot hold this run (locked, full, another run's)
 """
@@ -33,6 +35,10 @@ class DataError(GPT2FlaxError, ValueError):
 
 class ExportError(GPT2FlaxError, FileExistsError):
     """An export folder holding another model: its config, tokenizer or weights are not ours."""
+
+
+class HubError(GPT2FlaxError, ConnectionError):
+    """An upload to the Hugging Face Hub failed; the local files it would have sent are complete."""
 
 
 class TrainingError(GPT2FlaxError, RuntimeError):

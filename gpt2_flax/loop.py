@@ -6,7 +6,6 @@ points (metrics), at saves (the NaN check) and at evaluations.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -19,7 +18,15 @@ from etils import epath
 
 from gpt2_flax.checkpoint import Checkpointer, TrainingError, state_bytes, trim_metrics
 from gpt2_flax.config import Config, TrainConfig
-from gpt2_flax.metrics import MetricsLogger, append_samples, flops_per_token, run_peak_flops, trim_samples
+from gpt2_flax.metrics import (
+    MetricsLogger,
+    WandbRun,
+    append_samples,
+    check_wandb,
+    flops_per_token,
+    run_peak_flops,
+    trim_samples,
+)
 from gpt2_flax.model import GPT2LMHeadModel, count_params
 from gpt2_flax.preemption import StopRequest
 from gpt2_flax.run_dir import RunDir, data_identity
@@ -81,6 +88,7 @@ def fit(
     Every check on output_dir (and on the export that will go there) runs before anything is
     written to it; tokenizer_files (a tokenizer trained for this run) are written once they pass."""
     tc = cfg.train
+    check_wandb(tc.wandb_project)
     p = build(model, cfg)
     run_dir = _open_run_dir(p, model, dataset, cfg, tokenizer, overwrite, tokenizer_files or {})
     out = epath.Path(str(run_dir.path))
@@ -92,8 +100,8 @@ def fit(
         start = int(jax.device_get(state.step))
         trim_metrics(out, start)
         trim_samples(out, start)
-        logger = _logger(out, model, dataset, tc, start, progress)
-        logger.text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```", start)
+        logger = _logger(out, model, dataset, tc, start, progress, run_dir.run_id)
+        logger.config(cfg.to_dict(), start)
         if start:
             logger.write(f"gpt2-flax: resuming from checkpoint step {start} in {ckpt.directory}")
         with StopRequest() as stop, jax.set_mesh(p.mesh):  # every jitted call traces under the mesh
@@ -163,7 +171,13 @@ def _open_run_dir(
 
 
 def _logger(
-    out: epath.Path, model: GPT2LMHeadModel, dataset: Any, tc: TrainConfig, start: int, progress: bool
+    out: epath.Path,
+    model: GPT2LMHeadModel,
+    dataset: Any,
+    tc: TrainConfig,
+    start: int,
+    progress: bool,
+    run_id: str,
 ) -> MetricsLogger:
     tokens_per_step = tc.batch_size * dataset.block_size
     flops = flops_per_token(
@@ -179,6 +193,7 @@ def _logger(
         progress=progress,
         peak_flops=run_peak_flops(tc.peak_flops)[0],
         tensorboard=tc.tensorboard,
+        wandb=WandbRun(tc.wandb_project, tc.wandb_mode, run_id) if tc.wandb_project else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""Honest training logs: a progress bar, JSON lines, TensorBoard, tokens/s and model FLOPs utilisation.
+"""Honest training logs: a progress bar, JSON lines, TensorBoard, W&B, tokens/s and model FLOPs utilisation.
 
 TensorBoard event files go to output_dir/tensorboard/ (process 0 only) through tensorboardX, a small
 writer that needs no TensorFlow (`pip install gpt2_flax[tensorboard]`; without it, a note says so and
@@ -6,21 +6,30 @@ metrics.jsonl is the record): every metric of metrics.jsonl as a scalar, the sam
 config as text. Local output folders only, for now (a gs:// one keeps metrics.jsonl alone). A resume
 writes a new event file that purges the steps logged after its checkpoint, so TensorBoard shows no
 step twice.
+
+Weights & Biases (train.wandb_project, `pip install gpt2_flax[wandb]`) gets the same scalars, the
+samples and the resolved config from process 0. Its run id is run.json's run_id, so a resume
+continues the same W&B run; steps W&B already holds (logged after the checkpoint a resume starts
+from) are not sent again.
 """
 
 from __future__ import annotations
 
 import functools
+import html
 import json
 import math
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from etils import epath
 from tqdm.auto import tqdm
+
+from gpt2_flax.errors import ConfigError, spell
 
 
 def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
@@ -102,6 +111,7 @@ class MetricsLogger:
         progress: bool = True,
         peak_flops: float = 0.0,
         tensorboard: bool = False,
+        wandb: WandbRun | None = None,
     ):
         self.enabled = enabled
         self.tokens_per_step = tokens_per_step
@@ -120,6 +130,12 @@ class MetricsLogger:
         self.tb = None
         if tensorboard and self.output_dir is not None:
             self.tb = _tensorboard_writer(self.output_dir, start_step)
+        self.wandb = None
+        if wandb is not None and enabled:
+            self.wandb = _wandb_run(wandb, self.output_dir)
+        # W&B refuses a step below the last one it holds: on resume it starts past both that and
+        # the checkpoint (the steps in between were logged by the run before, identically).
+        self._wandb_from = max(start_step + 1, int(getattr(self.wandb, "step", 0) or 0))
         self.bar = None
         if enabled and progress:
             self.bar = tqdm(
@@ -159,10 +175,12 @@ class MetricsLogger:
         elif self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
         if self.tb is not None:
-            for name, value in record.items():
-                if name != "step" and isinstance(value, int | float):
-                    self.tb.add_scalar(name, value, step)
+            for name, value in scalars.items():
+                self.tb.add_scalar(name, value, step)
+        if self.wandb is not None and step >= self._wandb_from:
+            self.wandb.log(scalars, step=step)
         if self.bar is not None:
             shown = {"loss": f"{metrics.get('loss', float('nan')):.4f}", "tok_s": f"{tps:,.0f}"}
             if "mfu" in record:
@@ -194,9 +212,21 @@ class MetricsLogger:
         return line
 
     def text(self, tag: str, text: str, step: int) -> None:
-        """Text for TensorBoard's text tab (samples, the config); metrics.jsonl is not touched."""
+        """Text (the samples) for TensorBoard's text tab and W&B; metrics.jsonl is not touched."""
         if self.enabled and self.tb is not None:
             self.tb.add_text(tag, text, step)
+        if self.wandb is not None and step >= self._wandb_from:
+            import wandb
+
+            self.wandb.log({tag: wandb.Html("<pre>" + html.escape(text) + "</pre>")}, step=step)
+
+    def config(self, config: dict[str, Any], step: int) -> None:
+        """The resolved config: TensorBoard text at `step`, the W&B run's config (a resume may
+        change values such as stop_at_step, hence allow_val_change)."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", step)
+        if self.wandb is not None:
+            self.wandb.config.update(config, allow_val_change=True)
 
     def write(self, message: str) -> None:
         if not self.enabled:
@@ -212,6 +242,9 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()  # a resume (or a later run) opens it again
+            self.wandb = None
 
 
 def _tensorboard_writer(output_dir: Any, start_step: int) -> Any:
@@ -235,6 +268,51 @@ def _tensorboard_writer(output_dir: Any, start_step: int) -> Any:
         return SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step or None, flush_secs=30)
     except Exception as e:  # e.g. a remote output_dir tensorboardX cannot write to
         print(f"gpt2-flax: no TensorBoard event files ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
+@dataclass(frozen=True)
+class WandbRun:
+    """Which Weights & Biases run to log to: train.wandb_project and wandb_mode, and run.json's run_id
+    (the W&B run id, so that a resume continues the same run)."""
+
+    project: str
+    mode: str | None  # online | offline; None = $WANDB_MODE, else online
+    run_id: str
+
+
+def check_wandb(project: str | None) -> None:
+    """W&B asked for (train.wandb_project) needs the wandb package: said before any file is written."""
+    if project is None:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"{spell('train.wandb_project', project)} logs to Weights & Biases, which needs the wandb "
+            "package: pip install 'gpt2_flax[wandb]' (or leave train.wandb_project unset)"
+        ) from None
+
+
+def _wandb_run(w: WandbRun, output_dir: Any) -> Any:
+    """The W&B run, or None (with a note) when W&B cannot start it: training goes on without it."""
+    import wandb
+
+    local = output_dir is not None and "://" not in str(output_dir)
+    try:  # resume="allow": the same id continues the run a stopped or preempted process began
+        return wandb.init(
+            project=w.project,
+            id=w.run_id,
+            resume="allow",
+            mode=w.mode,
+            dir=str(output_dir) if local else None,  # W&B's files in output_dir/wandb
+        )
+    except Exception as e:  # not logged in, no network ...: W&B raises many types
+        print(
+            f"gpt2-flax: warning: no W&B logging ({type(e).__name__}: {str(e)[:200]}); metrics.jsonl has "
+            "every metric. train.wandb_mode=offline needs no network or login",
+            file=sys.stderr,
+        )
         return None
 
 

@@ -9,6 +9,8 @@ Layout (the checkpoints themselves are checkpoint.py's)::
     metrics.jsonl         one JSON line per logged step
     samples.txt           samples written during training
     tensorboard/          TensorBoard event files (metrics.py)
+    wandb/                W&B's own files (train.wandb_project); kept by --overwrite: an offline
+                          run there may not be synced yet
     checkpoints/          Orbax steps
     .gpt2_flax.lock       pid and host of the run writing here now
 

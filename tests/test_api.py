@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import numpy as np
 import pytest
 from conftest import InterruptedAt, interrupted_at
 from flax import nnx
-from helpers import assert_same_params, small_config
+from helpers import assert_same_params, fake_hub, small_config
 
 from gpt2_flax import GPT2, ConfigError, TokenDataset, train_tokenizer
 from gpt2_flax.checkpoint import TrainingError
+from gpt2_flax.errors import HubError
 
 PROMPT = "ROMEO:"
 
@@ -229,6 +231,33 @@ def test_batch_not_divisible_by_devices(trained_run, dataset, tmp_path: Path) ->
         ai.train(
             dataset, batch_size=16, num_steps=2, learning_rat=1e-3, output_dir=tmp_path / "o3", progress=False
         )
+
+
+def test_save_pushes_the_export_to_the_hub(trained_run, tmp_path: Path, monkeypatch, capsys) -> None:
+    calls = fake_hub(monkeypatch)
+    out = trained_run.ai.save(tmp_path / "export", push_to_hub="me/tiny-gpt2")
+    (_, repo, exist_ok), (_, repo2, folder, allowed, present) = calls
+    assert (repo, exist_ok, repo2, folder) == ("me/tiny-gpt2", True, "me/tiny-gpt2", str(out))
+    # The whole export, already written, and nothing else (a run's checkpoints share such folders).
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(allowed) <= set(present)
+    assert ".gpt2_flax_export.json" in allowed and "uploaded" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="not a Hugging Face Hub repo id"):
+        trained_run.ai.save(tmp_path / "never", push_to_hub="me/two/slashes")
+    assert not (tmp_path / "never").exists()
+
+
+def test_push_to_hub_offline_says_the_export_is_complete(trained_run, tmp_path: Path, monkeypatch) -> None:
+    calls = fake_hub(monkeypatch, fail=ConnectionError("Failed to resolve 'huggingface.co'"))
+    out = tmp_path / "export"
+    said = rf"'me/tiny' failed \(ConnectionError: Failed to .*The export in {re.escape(str(out))} is complete"
+    with pytest.raises(HubError, match=said):
+        trained_run.ai.save(out, push_to_hub="me/tiny")
+    assert [c[0] for c in calls] == ["create_repo"]
+    assert GPT2(model_folder=out).model_config == trained_run.ai.model_config  # the export is intact
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError, match="'me/tiny': HF_HUB_OFFLINE is on.*is complete; to upload it"):
+        trained_run.ai.save(out, push_to_hub="me/tiny")
+    assert len(calls) == 1  # offline: the Hub is not even asked
 
 
 def test_save_refuses_a_folder_holding_another_model(

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import fake_hub
 
 from gpt2_flax import cli
 from gpt2_flax.config import (
@@ -69,6 +70,8 @@ def test_overrides_and_types() -> None:
         (["model.n_head=5"], "divisible"),
         (["data.block_size=64"], "block_size"),
         (["train.batch_size=0"], "batch_size"),
+        (["train.wandb_mode=offline"], "needs train.wandb_project"),
+        (["train.wandb_project=p", "train.wandb_mode=cloud"], "online or offline"),
     ],
 )
 def test_bad_config_values(overrides: list[str], message: str) -> None:
@@ -276,6 +279,43 @@ def test_info_says_what_a_folder_holds(trained_run, tmp_path: Path, capsys: pyte
     assert "an exported model" in out and "written by gpt2_flax" in out and "from_pretrained" in out
     assert cli.main(["info", str(tmp_path / "nothing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_info_on_a_stopped_run_says_how_far_and_how_to_resume(
+    tokenizer_files, tiny_config, dataset, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from gpt2_flax import GPT2
+
+    vocab, merges = tokenizer_files
+    # (num_steps=6 as in test_metrics' trainings: the same train step, compiled once per session)
+    GPT2(vocab_file=vocab, merges_file=merges, config=tiny_config).train(
+        dataset, batch_size=16, num_steps=6, stop_at_step=2, output_dir=tmp_path, log_every=2, progress=False
+    )
+    capsys.readouterr()
+    assert cli.main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "progress: step 2 of 6 (resumable)" in out
+    assert f"checkpoints: 2 in {tmp_path / 'checkpoints'}" in out
+    assert "at step 2" in out and "export: none yet" in out
+    assert "next: run the same train command (same output_dir) to resume" in out
+    assert f"gpt2-flax export --checkpoint {tmp_path} --step 2 --output DIR" in out
+
+
+def test_export_pushes_to_the_hub_or_says_in_one_line_why_not(
+    trained_run, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture
+) -> None:
+    calls = fake_hub(monkeypatch)
+    out = tmp_path / "export"
+    args = ["export", "--checkpoint", str(trained_run.out_dir), "--output", str(out), "--push-to-hub", "me/t"]
+    assert cli.main(args) == 0
+    assert [c[:3] for c in calls] == [("create_repo", "me/t", True), ("upload_folder", "me/t", str(out))]
+    assert "uploaded" in capsys.readouterr().out
+    fake_hub(monkeypatch, fail=ConnectionError("Failed to establish a new connection"))
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2-flax export: error: pushing to the Hugging Face Hub repo 'me/t' failed")
+    assert err.count("\n") == 1 and f"The export in {out} is complete" in err
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
 
 def test_loss_plot_at_the_end_of_a_run_and_on_demand(

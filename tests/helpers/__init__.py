@@ -50,3 +50,30 @@ def small_tokenizer(root: Any, text: str, vocab_size: int = 400) -> Any:
     (root / "corpus.txt").write_text(text, encoding="utf-8")
     train_tokenizer(root / "corpus.txt", vocab_size=vocab_size, save_path=root, prefix="tiny")
     return load_tokenizer(tokenizer_file=root / "tiny.tokenizer.json")
+
+
+def fake_hub(monkeypatch: Any, fail: Exception | None = None) -> list[tuple[Any, ...]]:
+    """huggingface_hub.HfApi replaced by one that records its calls and uploads nothing (or raises
+    `fail` as create_repo would offline). Returns the calls; upload_folder's holds the folder's
+    files at upload time."""
+    from pathlib import Path
+
+    import huggingface_hub
+
+    calls: list[tuple[Any, ...]] = []
+
+    class FakeHfApi:
+        def create_repo(self, repo_id: str, exist_ok: bool = False, **kwargs: Any) -> str:
+            calls.append(("create_repo", repo_id, exist_ok))
+            if fail is not None:
+                raise fail
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, *, repo_id: str, folder_path: str, allow_patterns: Any, **kw: Any) -> None:
+            present = sorted(p.name for p in Path(folder_path).iterdir())
+            calls.append(("upload_folder", repo_id, folder_path, sorted(allow_patterns), present))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return calls
