@@ -104,7 +104,7 @@ class GPT2(GenerationMixin):
             )
         self.stopped_early = False  # set by train: stopped by a signal or stop_at_step
         model_cfg = self.model_config
-        self.model = init_sharded(lambda: GPT2LMHeadModel(model_cfg, rngs=nnx.Rngs(seed)))
+        self.model = init_sharded(lambda rngs: GPT2LMHeadModel(model_cfg, rngs=rngs), seed)
         weights = model if model is not None else model_folder
         # The file the weights are exactly (None: random, or trained since): a LoRA base by reference.
         self.weights_source = None if weights is None else str(weights)

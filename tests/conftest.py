@@ -113,11 +113,18 @@ def trained_run(
 
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A per-session XLA compilation cache: the many identical tiny train steps compile once."""
+    """A per-session XLA compilation cache: the many identical tiny train steps compile once. The
+    subprocesses (CLI runs, SIGKILL/SIGTERM, the 2-process runs) share it through the environment:
+    each CLI training compiles its init, train step and sampler anew otherwise (~15 s of a 35 s
+    run on this 2-core machine). A cache entry a killed process left half-written is read as a
+    miss (JAX warns and compiles), so the fault tests stay sound."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    cache = str(tmp_path_factory.mktemp("xla_cache"))
+    jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 
 class InterruptedAt(Exception):

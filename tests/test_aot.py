@@ -33,6 +33,7 @@ def _run_compile(config: str, topology: str, *args: str) -> subprocess.Completed
         topology,
     ]
     env = {**os.environ, **LIBTPU_ENV, "XLA_FLAGS": ""}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # (TPU programs compiled for a topology: no cache)
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
