@@ -34,6 +34,13 @@ _HF_SHARED = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 _HF_SHARED += ("layer_norm_epsilon", "initializer_range")
 
 
+def gpt2_num_params(n_layer: int, n_embd: int, vocab_size: int, n_positions: int) -> int:
+    """GPT-2's parameter count as Hugging Face counts it: the embeddings, 12 C^2 + 13 C per block,
+    ln_f, and the tied head once (the true vocabulary, not the padded one)."""
+    c = n_embd
+    return vocab_size * c + n_positions * c + n_layer * (12 * c * c + 13 * c) + 2 * c
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 5000  # must equal the tokenizer's vocabulary size

@@ -32,6 +32,7 @@ from transformers import GPT2Config
 from gpt2_flax import model_card
 from gpt2_flax.errors import DataError, ExportError, spell
 from gpt2_flax.model import GPT2LMHeadModel
+from gpt2_flax.run_dir import MANIFEST
 
 # Our per-layer path (under the stacked `h`) -> HF name under `transformer.h.{i}.`
 _BLOCK_NAMES = {
@@ -224,7 +225,6 @@ def read_weights(path: str | Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in sd.items()}
 
 
-MANIFEST = ".gpt2_flax_export.json"
 # Names an export writes; a folder holding any of them already holds a model.
 EXPORT_FILES = (
     "config.json",

@@ -11,9 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from gpt2_flax.run_dir import RUN_FILE, checkpoint_steps, read_lock
-
-MANIFEST = ".gpt2_flax_export.json"  # (convert.py's name; not imported: it loads JAX-free but slow modules)
+from gpt2_flax.config import gpt2_num_params
+from gpt2_flax.run_dir import MANIFEST, RUN_FILE, checkpoint_steps, read_lock
 
 
 def describe(folder: str | Path) -> str:
@@ -38,8 +37,7 @@ def describe(folder: str | Path) -> str:
 
 def _model_line(m: dict[str, Any]) -> str:
     c, n, v, t = m.get("n_embd", 0), m.get("n_layer", 0), m.get("vocab_size", 0), m.get("n_positions", 0)
-    # GPT-2's parameter count: embeddings + 12 C^2 + 13 C per block (tied head counted once) + ln_f.
-    params = v * c + t * c + n * (12 * c * c + 13 * c) + 2 * c
+    params = gpt2_num_params(n, c, v, t)
     start = f", started from {m['init_from']}" if m.get("init_from") else ""
     return (
         f"GPT-2 of {params:,} parameters: n_layer={n}, n_embd={c}, n_head={m.get('n_head')}, "

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gpt2_flax.config import gpt2_num_params
+
 CARD = "README.md"
 
 
@@ -27,7 +29,7 @@ def model_card(config: Any, tokenizer: Any, folder: Any) -> str:
     output folder adds its training numbers and its loss.png."""
     folder = Path(str(folder))
     c, n, h, t, v = config.n_embd, config.n_layer, config.n_head, config.n_positions, config.vocab_size
-    params = v * c + t * c + n * (12 * c * c + 13 * c) + 2 * c  # tied head counted once
+    params = gpt2_num_params(n, c, v, t)
     lines = [
         "---",
         "library_name: transformers",

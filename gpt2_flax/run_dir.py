@@ -36,6 +36,8 @@ from gpt2_flax.config import Config, ModelConfig
 from gpt2_flax.errors import CheckpointError, spell
 
 RUN_FILE, TOKENIZER_FILE, LOCK_FILE = "run.json", "run_tokenizer.json", ".gpt2_flax.lock"
+# An export's record of what it wrote (files and their sha256, lineage): convert.py writes it.
+MANIFEST = ".gpt2_flax_export.json"
 # What a run writes: the only names `--overwrite` removes (never anything else in the folder).
 RUN_OUTPUTS = (
     "checkpoints",
