@@ -18,6 +18,7 @@ import jax
 from flax import nnx
 from transformers import GPT2Config
 
+from gpt2_flax import lora
 from gpt2_flax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
 from gpt2_flax.convert import export_pretrained, load_hf_state_dict, read_manifest, read_weights
 from gpt2_flax.errors import DataError
@@ -103,6 +104,7 @@ class GPT2(GenerationMixin):
                 f"tokenizer's {vocab} tokens; build the config with vocab_size={vocab}"
             )
         self.stopped_early = False  # set by train: stopped by a signal or stop_at_step
+        self._peft: Any = None  # the last run's LoRA adapters in PEFT's layout, for save()
         model_cfg = self.model_config
         self.model = init_sharded(lambda rngs: GPT2LMHeadModel(model_cfg, rngs=rngs), seed)
         weights = model if model is not None else model_folder
@@ -191,6 +193,9 @@ class GPT2(GenerationMixin):
         )
         self.model = nnx.merge(result.graphdef, result.params)
         self.weights_source = None  # the weights are no longer the file's
+        # A LoRA run's export also holds its adapters alone, in PEFT's layout (adapter/).
+        adapters = result.state.params["lora"] if cfg.train.lora_rank else None
+        self._peft = None if adapters is None else lora.peft_files(adapters, cfg.train, cfg.model.init_from)
         self.lineage = result.run_id  # the export at the end (and later saves) belong to this run
         _plot_if_possible(cfg.train.output_dir)  # (before the export: its model card shows the plot)
         if not result.stopped_early:  # a stopped run resumes later; the export is of final weights
@@ -229,6 +234,7 @@ class GPT2(GenerationMixin):
             overwrite=overwrite,
             lineage=self.lineage,
             push_to_hub=push_to_hub,
+            peft=self._peft,
         )
 
     def _training_samples(self, params: Any, tc: TrainConfig, step: int) -> list[str]:

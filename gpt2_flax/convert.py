@@ -63,10 +63,11 @@ ARCH_KEYS = ("model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_
 def _flat_params(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     flat = traversals.flatten_mapping(pure)
-    return {".".join(str(p) for p in path): _to_host(v) for path, v in flat.items()}
+    return {".".join(str(p) for p in path): to_host(v) for path, v in flat.items()}
 
 
-def _to_host(x: Any) -> np.ndarray:
+def to_host(x: Any) -> np.ndarray:
+    """A (possibly sharded over hosts) array as numpy on this process; a collective on multi-host."""
     import jax
 
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -236,6 +237,8 @@ EXPORT_FILES = (
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
+    "adapter/adapter_model.safetensors",  # a LoRA run's adapters alone, in PEFT's layout
+    "adapter/adapter_config.json",
 )
 
 
@@ -303,11 +306,14 @@ def export_pretrained(
     overwrite: bool = False,
     lineage: str | None = None,
     push_to_hub: str | None = None,
+    peft: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> Path:
     """Writes the PyTorch-ready folder for `model` and its `tokenizers.Tokenizer`. `lineage` names
     where the model comes from (a run id, or the folder it was loaded from): a folder exported
     before with the same lineage, untouched since, is replaced without `overwrite`. push_to_hub:
-    then upload the folder to this Hugging Face Hub repo (hub.py)."""
+    then upload the folder to this Hugging Face Hub repo (hub.py). peft: a LoRA run's adapters
+    (`lora.peft_files`), also written alone in PEFT's layout to adapter/ (the model files hold
+    them merged)."""
     import jax
 
     from gpt2_flax import hub
@@ -337,17 +343,22 @@ def export_pretrained(
         save_transformers_tokenizer(tokenizer, tmp, model_max_length=config.n_positions)
         if not remote and model_card.may_write(out_dir, old):  # never a README.md that is not ours
             (tmp / model_card.CARD).write_text(model_card.model_card(config, tokenizer, out_dir))
-        files = sorted(tmp.iterdir())
+        if peft is not None:
+            _write_peft(*peft, tmp / "adapter")
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())
         for f in files:
             f.chmod(0o644)  # ordinary permissions (mkstemp-style 0600 otherwise, e.g. safetensors)
-        manifest = {"lineage": lineage, "files": {f.name: _sha256(f) for f in files}}
+        names = {f: f.relative_to(tmp).as_posix() for f in files}  # "adapter/..." for PEFT's files
+        manifest = {"lineage": lineage, "files": {names[f]: _sha256(f) for f in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         (tmp / MANIFEST).chmod(0o644)
+        names[tmp / MANIFEST] = MANIFEST
         for f in [*files, tmp / MANIFEST]:  # the manifest last: it vouches for the files before it
             if remote:  # object stores replace a whole object at once
-                epath.Path(f).copy(out_dir / f.name, overwrite=True)
+                epath.Path(f).copy(out_dir / names[f], overwrite=True)
             else:
-                os.replace(f, out_dir / f.name)
+                (out_dir / names[f]).parent.mkdir(exist_ok=True)
+                os.replace(f, out_dir / names[f])
         # Model files not written now (a .bin from a run that had torch): ours from last time, or,
         # with overwrite, the replaced model's. A stale .bin beside new safetensors is a wrong model.
         stale = (set(old) | (set(EXPORT_FILES) if overwrite else set())) - {model_card.CARD}
@@ -361,6 +372,14 @@ def export_pretrained(
         sent = [*manifest["files"], MANIFEST, *(["loss.png"] if (out_dir / "loss.png").exists() else [])]
         print(f"gpt2-flax: uploaded {out_dir} to {hub.push_folder(Path(out_dir), push_to_hub, sent)}")
     return out_dir
+
+
+def _write_peft(tensors: dict[str, Any], config: dict[str, Any], folder: Path) -> None:
+    from safetensors.numpy import save_file
+
+    folder.mkdir()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def generation_config(config: GPT2Config) -> Any:
@@ -452,11 +471,13 @@ def export_checkpoint(
     finally:
         ckpt.close()
     lineage = json.loads(run_file.read_text()).get("run_id") or f"run:{run_dir.resolve()}"
+    peft = None
     if lora.enabled(run_cfg.train):
+        peft = lora.peft_files(params, run_cfg.train, cfg.init_from)
         model = nnx.merge(graphdef, jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), base))
         load_hf_state_dict(model, read_weights(_lora_base(cfg.init_from)), source=str(cfg.init_from))
         params = lora.merge(nnx.to_pure_dict(nnx.state(model)), params, lora.scale(run_cfg.train))
     model = nnx.merge(graphdef, params)
     return export_pretrained(
-        model, tokenizer, out_dir, overwrite=overwrite, lineage=lineage, push_to_hub=push_to_hub
+        model, tokenizer, out_dir, overwrite=overwrite, lineage=lineage, push_to_hub=push_to_hub, peft=peft
     )

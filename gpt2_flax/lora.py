@@ -142,3 +142,47 @@ def merge(base: dict[str, Any], adapters: dict[str, Any], factor: float) -> dict
         delta = jnp.einsum("lir,lr...->li...", ab["lora_a"], ab["lora_b"])
         node["kernel"] = node["kernel"] + (factor * delta).astype(node["kernel"].dtype)
     return out
+
+
+# ----------------------------------------------------------------------------- PEFT's layout
+
+PEFT_FOLDER = "adapter"  # export/adapter/: PeftModel.from_pretrained(base, "export/adapter")
+
+
+def peft_files(adapters: dict[str, Any], tc: TrainConfig, base: str | None) -> tuple[dict[str, Any], dict]:
+    """The adapters as PEFT writes them for transformers' GPT2LMHeadModel: (the tensors of
+    adapter_model.safetensors, adapter_config.json). GPT-2's projections are Conv1D (weight
+    (in, out)), so PEFT runs them with fan_in_fan_out: its lora_A is a Linear(in, r) of weight
+    (r, in) = A[i].T, lora_B a Linear(r, out) of weight (out, r) = B[i].T, and its delta
+    (B A)^T * alpha / r is ours, A[i] @ B[i] * alpha / r."""
+    import numpy as np
+
+    from gpt2_flax.convert import to_host  # (every process gathers: a collective on multi-host)
+
+    tensors = {}
+    for target, ab in _walk(adapters).items():
+        a, b = to_host(ab["lora_a"]), to_host(ab["lora_b"])
+        b = b.reshape(b.shape[0], b.shape[1], -1)  # c_attn's (r, 3, H, D) -> (r, 3C)
+        module = target.removeprefix("h.")
+        for i in range(a.shape[0]):
+            name = f"base_model.model.transformer.h.{i}.{module}"
+            tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+    modules = "|".join(t.removeprefix("h.").replace(".", r"\.") for t in sorted(_walk(adapters)))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": tc.lora_rank,
+        "lora_alpha": tc.lora_alpha,
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": True,  # GPT-2's Conv1D
+        "bias": "none",
+        # A regex (PEFT full-matches a string): "c_proj" alone would also pick the other c_proj.
+        "target_modules": rf"transformer\.h\.\d+\.({modules})",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    return tensors, config

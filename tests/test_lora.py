@@ -74,12 +74,25 @@ def test_lora_trains_the_adapters_alone_resumes_bitwise_and_exports_merged(
     with torch.no_grad():
         theirs = hf(torch.from_numpy(ids).long()).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    # ... and the adapters alone, in PEFT's layout, on the untouched base compute them too.
+    import peft
+
+    adapter = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == str(base)
+    base_hf = transformers.GPT2LMHeadModel.from_pretrained(base).eval()
+    with torch.no_grad():
+        plain = base_hf(torch.from_numpy(ids).long()).logits.numpy()
+        tuned = peft.PeftModel.from_pretrained(base_hf, tmp_path / "a" / "adapter").eval()
+        np.testing.assert_allclose(tuned(torch.from_numpy(ids).long()).logits.numpy(), theirs, atol=1e-4)
+    assert not np.allclose(plain, theirs, atol=1e-3)  # (the adapters do change the logits)
 
     # Stopped at 3 and resumed to 6: bitwise the uninterrupted run (the base is loaded again).
     stopped, _ = _train(base, new_text, tmp_path / "b", num_steps=6, stop_at_step=3, save_every=3)
     assert stopped.stopped_early
     # The checkpoint exports too: its adapters merged into the base named in run.json.
     exported = read_weights(export_checkpoint(tmp_path / "b", tmp_path / "b_export"))
+    manifest = json.loads((tmp_path / "b_export" / ".gpt2_flax_export.json").read_text())
+    assert "adapter/adapter_model.safetensors" in manifest["files"]  # PEFT's files, vouched for
     kernel = flat_params(stopped.model)["h.mlp.c_fc.kernel"][0]
     np.testing.assert_array_equal(exported["transformer.h.0.mlp.c_fc.weight"], kernel)
     resumed, history = _train(base, new_text, tmp_path / "b", num_steps=6, save_every=3)
