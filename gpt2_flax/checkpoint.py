@@ -17,9 +17,12 @@ half-written one, and the next run resumes from it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +67,15 @@ class Checkpointer:
         is not written again."""
         if step == self._last_saved or step in self._manager.all_steps():
             return False
-        self._last_saved = step
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta),  # the step is the folder's name, nowhere else
         )
-        return self._manager.save(step, args=args, force=force)
+        self.wait()  # the previous save's error names its own step (Orbax would wait here anyway)
+        self._last_saved = step
+        with self._writing(step):
+            return self._manager.save(step, args=args, force=force)
 
     def restore(self, step: int, params: Any, opt_state: Any | None = None) -> dict[str, Any]:
         """Restores onto the shardings of the abstract targets (jax.ShapeDtypeStruct leaves with
@@ -105,11 +110,46 @@ class Checkpointer:
         return str(dst)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._writing(self._last_saved):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None) -> Iterator[None]:
+        """An I/O error of a save, raised here or, for an asynchronous save, later from Orbax's
+        background thread (at the next save, wait or close): one CheckpointError naming the step
+        and the way on. Orbax writes a step under a temporary name and renames it when complete,
+        so the older checkpoints are intact and a rerun resumes from the newest of them."""
+        try:
+            yield
+        except Exception as e:
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            if cause.errno == errno.ENOSPC:
+                why = f"the disk is full ({cause.filename or self.directory}); free space"
+            else:
+                why = f"{type(cause).__name__}: {cause}"
+            raise CheckpointError(
+                f"checkpoint step {step} could not be written to {self.directory}: {why}. The older "
+                "checkpoints are intact: run again to resume from the newest of them"
+            ) from e
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e` (Orbax and asyncio wrap the one a write raised), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _legacy_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...] | None:

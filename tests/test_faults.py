@@ -508,6 +508,35 @@ def test_disk_full_during_a_save_keeps_the_older_checkpoints(
     assert not (run_copy / LOCK_FILE).exists()
 
 
+def test_disk_full_in_the_background_save_names_the_step_and_a_rerun_resumes(
+    run_copy, tokenizer_files, vocab_size, dataset, monkeypatch
+):
+    # The asynchronous save of step 12 fails in Orbax's background thread, where it renames the
+    # finished step into place: the error reaches the user at the next save/wait as one message
+    # naming the step; 4 and 8 stay byte-identical, and the same call later resumes from 8.
+    import errno
+
+    from orbax.checkpoint._src.path import async_path
+
+    before = {p: snapshot(run_copy / "checkpoints" / p) for p in ("4", "8")}
+    real = async_path.rename
+
+    async def rename(src, dst, *args, **kwargs):
+        if Path(str(dst)).name == "12":
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return await real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(async_path, "rename", rename)
+    message = r"step 12 could not be written .*the disk is full.*intact: run again"
+    with pytest.raises(CheckpointError, match=message):
+        _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=16, output_dir=run_copy, **TRAIN)
+    assert {p: snapshot(run_copy / "checkpoints" / p) for p in ("4", "8")} == before
+    assert not (run_copy / LOCK_FILE).exists()
+    monkeypatch.undo()
+    history = _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=16, output_dir=run_copy, **TRAIN)
+    assert [r["step"] for r in history] == [10, 12, 14, 16]  # resumed from 8
+
+
 def test_checkpoint_export_of_a_run_json_without_run_id(run_copy, tmp_path):
     # run.json of an older version has no run_id: the export's lineage is the run folder, so a
     # second export into the same folder replaces the first without --overwrite.
