@@ -6,12 +6,26 @@ Eight fake CPU devices are set up before anything imports jax, so `GPT2.train` r
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 _DEVICES_FLAG = "--xla_force_host_platform_device_count"
 if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}=8".strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
+# A per-session XLA compilation cache, set in the environment before JAX (or any test module, some
+# of which copy os.environ for their subprocesses at import) is loaded: the many identical tiny
+# programs compile once, in this process and in the subprocesses (CLI runs, SIGKILL/SIGTERM, the
+# 2-process runs). A CLI training compiles its init, train step and sampler otherwise: 30 s -> 10 s
+# with the cache on this 2-core machine. An entry a killed process left half-written is read as a
+# miss (JAX warns and compiles), so the fault tests stay sound.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="gpt2_flax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _CACHE, True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import contextlib  # noqa: E402
 import random  # noqa: E402
@@ -109,22 +123,6 @@ def trained_run(
     history = ai.train(dataset, batch_size=16, num_steps=60, output_dir=out, log_every=10, progress=False)
     ai.save(out)
     return TrainedRun(ai, history, out)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A per-session XLA compilation cache: the many identical tiny train steps compile once. The
-    subprocesses (CLI runs, SIGKILL/SIGTERM, the 2-process runs) share it through the environment:
-    each CLI training compiles its init, train step and sampler anew otherwise (~15 s of a 35 s
-    run on this 2-core machine). A cache entry a killed process left half-written is read as a
-    miss (JAX warns and compiles), so the fault tests stay sound."""
-    import jax
-
-    cache = str(tmp_path_factory.mktemp("xla_cache"))
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 
 class InterruptedAt(Exception):
