@@ -206,16 +206,19 @@ class GPT2(GenerationMixin):
     def _with_lora_base(self, cfg: Config) -> Config:
         """Under LoRA the checkpoints hold the adapters only, so the base must be weights on disk
         that a resume (or `gpt2-flax export` of a checkpoint) can load again: model.init_from,
-        set here from the file this model was loaded from."""
-        if not cfg.train.lora_rank or cfg.model.init_from:
+        set here from the file this model was loaded from. A model trained since (a LoRA run's
+        holds its adapters merged in) is no base: its weights are no longer the file's."""
+        if not cfg.train.lora_rank:
             return cfg
         if self.weights_source is None:
             raise ConfigError(
                 "train.lora_rank adapts a pretrained model, and this one's weights are not a file "
-                "(random, or trained since they were loaded): load the base with "
-                "GPT2(model_folder=...) (or save this model and load it back), or start from "
-                "model.init_from on the CLI"
+                "(random, or trained since they were loaded; after a LoRA run they hold its adapters "
+                "merged): load the base with GPT2(model_folder=...) (or save this model and load it "
+                "back), or start from model.init_from on the CLI"
             )
+        if cfg.model.init_from:
+            return cfg
         self.model_config = dataclasses.replace(self.model_config, init_from=self.weights_source)
         return dataclasses.replace(cfg, model=self.model_config)
 

@@ -15,8 +15,8 @@ each target (dW', then dA = dW' @ B^T, dB = A^T @ dW'). A step is still cheaper 
 fine-tuning (no gradients for the embeddings, norms and biases, no AdamW over the base): seed
 model, r=8, `benchmarks/bench_lora.py`: 1.25x the steps/s; and LoRA saves memory (no gradients or
 Adam moments for the base: train state 87 -> 32 MB there) and checkpoint size (adapters and their
-moments only, 87 -> 3 MB; the base is kept by reference, `model.init_from`). Dropout on the adapters' input (PEFT's lora_dropout) needs the
-side branch and is not offered.
+moments only, 87 -> 3 MB; the base is kept by reference, `model.init_from`). Dropout on the
+adapters' input (PEFT's lora_dropout) needs the side branch and is not offered.
 
 State layout under LoRA: ``TrainState.params = {"base": model parameters, "lora": adapters}``;
 the optimizer and the checkpoint see ``params["lora"]`` alone.

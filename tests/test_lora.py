@@ -95,6 +95,8 @@ def test_lora_trains_the_adapters_alone_resumes_bitwise_and_exports_merged(
     assert "adapter/adapter_model.safetensors" in manifest["files"]  # PEFT's files, vouched for
     kernel = flat_params(stopped.model)["h.mlp.c_fc.kernel"][0]
     np.testing.assert_array_equal(exported["transformer.h.0.mlp.c_fc.weight"], kernel)
+    with pytest.raises(ConfigError, match=r"after a LoRA run they hold its adapters merged"):
+        stopped.train(new_text, output_dir=tmp_path / "b", num_steps=6, **LORA)  # no base any more
     resumed, history = _train(base, new_text, tmp_path / "b", num_steps=6, save_every=3)
     assert [r["step"] for r in history] == [4, 5, 6]
     for name, value in flat_params(resumed.model).items():
