@@ -84,7 +84,10 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     cfg = resolve_config(args, extra)  # config errors in milliseconds: JAX is not imported yet
 
     from gpt2_flax.api import run_training
+    from gpt2_flax.host import enable_compilation_cache
     from gpt2_flax.sharding import maybe_initialize
+
+    enable_compilation_cache()
 
     maybe_initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     run_training(cfg, overwrite=args.overwrite, progress=not args.no_progress, samples=args.samples)
@@ -140,10 +143,12 @@ def cmd_encode(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def cmd_generate(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from gpt2_flax.api import GPT2
+    from gpt2_flax.host import enable_compilation_cache
     from gpt2_flax.sampling import GenerateArgs
 
     if extra:
         raise ConfigError(f"unrecognised arguments {list(extra)}")
+    enable_compilation_cache()
     prompts: str | list[str] = args.prompt
     if args.prompt_file:
         path = Path(args.prompt_file)

