@@ -103,8 +103,9 @@ class TokenDataset(_Dataset):
 
     file_or_files: text files, folders or globs (one document per file); .csv / .jsonl / .parquet files
     (one document per row, column `text_column`; CSV with header=False: text_column is an index); a
-    `datasets.Dataset`; "hub:NAME[:CONFIG]" (needs internet); or a list mixing these. texts: strings,
-    one document each. The tokenizer comes from `tokenizer=` or tokenizer_file / vocab_file + merges_file.
+    `datasets.Dataset`; "hub:NAME[:CONFIG][@SPLIT]" (needs internet; split "train" by default); or a
+    list mixing these. texts: strings, one document each. The tokenizer comes from `tokenizer=` or
+    tokenizer_file / vocab_file + merges_file.
 
     line_by_line: every line (text files; blank lines skipped) / row / string is a document, packed
     into rows without crossing (see DocumentRows); long_documents="split" | "truncate" for documents
