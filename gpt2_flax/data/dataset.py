@@ -28,7 +28,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gpt2_flax.data.cache import encode_sources, read_cache, save_cache_folder
-from gpt2_flax.data.encoding import EncodingOptions
+from gpt2_flax.data.encoding import EncodingOptions, choose_options
 from gpt2_flax.data.packing import DocumentRows
 from gpt2_flax.data.rows import MixedRows, PackedRows, Rows
 from gpt2_flax.data.sources import PathLike
@@ -164,9 +164,7 @@ class TokenDataset(_Dataset):
             num_proc=num_proc,
             progress=progress,
         )
-        if encoding is not None and given != EncodingOptions():
-            raise DataError("Pass encoding= or the separate encoding options (line_by_line=, ...), not both.")
-        self.encoding = given if encoding is None else encoding
+        self.encoding = choose_options(encoding, given)
         sources, entry, meta = encode_sources(tokenizer, file_or_files, texts, cache_dir, self.encoding)
         self.files = [s.path for s in sources if s.path is not None]
         name = f"Input file {self.files[0]}" if len(sources) == 1 and self.files else "The training text"

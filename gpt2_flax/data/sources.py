@@ -1,7 +1,8 @@
 """Reading training text: file globbing, sources, text hygiene, and cutting text files into work items.
 
-`resolve_files` expands paths, folders and globs into an ordered list of files (train_tokenizer reads
-the same files, with the same checks, as the dataset).
+`resolve_files` expands paths, folders and globs into an ordered list of files; `resolve_sources` turns
+those and every other input into sources (train_tokenizer reads the same sources, with the same checks
+and texts, as the dataset: see encoding.py's `read_parts` / `iter_texts`).
 
 A source is a text file (one document), a CSV / JSONL / Parquet file (one document per row), a list of
 strings, or a `datasets.Dataset` (any `load_dataset` result; "hub:NAME[:CONFIG][@SPLIT]" loads one).
@@ -176,7 +177,7 @@ def _hub_source(spec: str) -> Source:
 
 def resolve_sources(file_or_files: Any, texts: str | Sequence[str] | None) -> list[Source]:
     """Paths, folders, globs (text/.csv/.jsonl/.parquet by extension), datasets, "hub:" specs and
-    `texts`, in order."""
+    `texts`, in order; at least one source, else a DataError."""
     single = isinstance(file_or_files, (str, Path)) or type(file_or_files).__module__.startswith("datasets")
     items = [] if file_or_files is None else [file_or_files] if single else list(file_or_files)
     if file_or_files is not None and not items:
@@ -196,6 +197,11 @@ def resolve_sources(file_or_files: Any, texts: str | Sequence[str] | None) -> li
     texts = [texts] if isinstance(texts, str) else list(texts or [])  # a bare string is one document
     if texts:
         sources.append(Source("texts", "texts", data=texts))
+    if not sources:
+        raise DataError(
+            "No training text given: pass the inputs (a path, folder, glob, dataset, hub:NAME or a list of "
+            "them) or texts=."
+        )
     return sources
 
 
