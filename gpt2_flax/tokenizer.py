@@ -8,6 +8,7 @@ workflow; it separates documents in the training stream and doubles as bos/eos/u
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -87,12 +88,13 @@ def train_tokenizer(
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
     counts = {"replaced": 0}
     with tempfile.TemporaryDirectory(prefix="gpt2_flax-tokenizer-") as work:
-        with progress_bars(show_progress):
+        rows = any(src.kind != "text" for src in sources)  # text files alone never import datasets
+        with progress_bars(show_progress) if rows else contextlib.nullcontext():
             parts = read_parts(sources, Path(work), options, TRAIN_CHUNK, counts)
         # The bar's total: one input per text-file range or row (blank rows are skipped, so it may stop
         # just short); a line_by_line text file's line count is not known before reading it.
         unknown = options.line_by_line and any(part.column is None for part in parts)
-        length = None if unknown else sum(len(part.items) for part in parts)
+        length = None if unknown else sum(len(part) for part in parts)
         # ByteLevelBPETokenizer passes initial_alphabet=ByteLevel.alphabet() (all 256 bytes), so any
         # byte encodes even if absent from the corpus; special tokens are added first, so EOS gets id 0.
         bpe.train_from_iterator(

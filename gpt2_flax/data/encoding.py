@@ -187,9 +187,11 @@ def _groups(sources: list[Source], columns: list[str | None]) -> Iterator[tuple[
             group = []
 
 
-def _text_items(group: list[Source], options: EncodingOptions, chunk: int, counts: dict[str, int]) -> Any:
-    import datasets
-
+def _text_items(
+    group: list[Source], options: EncodingOptions, chunk: int, counts: dict[str, int]
+) -> dict[str, list[Any]]:
+    # Plain columns, not a datasets.Dataset: training a tokenizer on text files never imports datasets
+    # (~1.5 s); encode_stream turns them into one for its map.
     rows: dict[str, list[Any]] = {"path": [], "start": [], "end": [], "doc_end": []}
     for src in group:
         cuts, size, replaced = scan_text_file(src, chunk, options.line_by_line, options.encoding_errors)
@@ -198,7 +200,7 @@ def _text_items(group: list[Source], options: EncodingOptions, chunk: int, count
         rows["start"] += cuts
         rows["end"] += [*cuts[1:], size]
         rows["doc_end"] += [False] * (len(cuts) - 1) + [True]
-    return datasets.Dataset.from_dict(rows)
+    return rows
 
 
 def _row_items(
@@ -216,8 +218,12 @@ class Part:
     """One group of sources, checked and ready to read (see read_parts)."""
 
     name: str  # how messages name it: "Input file a.csv (+2 more)"
-    column: str | None  # None: `items` are text work items (path, start, end, doc_end); else the text column
-    items: Any  # a datasets.Dataset of those work items, or of that one column
+    column: str | None  # None: text files; else the name of the text column
+    items: Any  # text files: work items as columns {path, start, end, doc_end}; else a datasets.Dataset
+
+    def __len__(self) -> int:
+        """Work items or rows."""
+        return len(self.items["path"]) if self.column is None else len(self.items)
 
 
 def read_parts(
@@ -260,13 +266,13 @@ def _no_text(name: str) -> DataError:
 
 
 def _part_texts(part: Part, options: EncodingOptions) -> Iterator[str]:
-    # 100 rows, or 100 text ranges read one at a time: memory holds one batch of rows or one range.
-    for batch in part.items.iter(batch_size=100):
-        if part.column is not None:
-            yield from row_texts(batch[part.column], part.name, part.column)
-            continue
-        for path, start, end in zip(batch["path"], batch["start"], batch["end"], strict=True):
+    if part.column is None:  # one text range read at a time
+        items = part.items
+        for path, start, end in zip(items["path"], items["start"], items["end"], strict=True):
             yield from item_texts(path, start, end, options)
+        return
+    for batch in part.items.iter(batch_size=100):  # memory: 100 rows
+        yield from row_texts(batch[part.column], part.name, part.column)
 
 
 def iter_texts(parts: list[Part], options: EncodingOptions) -> Iterator[str]:
@@ -321,7 +327,7 @@ def encode_stream(sources: list[Source], workdir: Path, s: Encoder) -> dict[str,
         with progress_bars(s.options.progress):
             parts = read_parts(sources, workdir, s.options, s.chunk_chars, counts)
             for i, part in enumerate(parts):
-                ds = part.items
+                ds = datasets.Dataset.from_dict(part.items) if part.column is None else part.items
                 if part.column is None:
                     fn, kw, cols = encode_text_items, {}, None
                 else:
