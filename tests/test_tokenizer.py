@@ -244,7 +244,14 @@ def test_bad_records_and_options_fail_before_anything_is_written(tmp_path: Path,
         train_tokenizer(tmp_path / "bad.csv", encoding=EncodingOptions(), line_by_line=True, **kw)
     with pytest.raises(ValueError, match="No training text given"):
         train_tokenizer(**kw)
+    (tmp_path / "latin1.csv").write_bytes(b"text\nthe cat\ncaf\xe9 mat\n")
+    with pytest.raises(ValueError, match=r"latin1.csv is not valid UTF-8 \(byte offset 16.*'replace'"):
+        train_tokenizer(tmp_path / "latin1.csv", **kw)
     assert not out.exists()
+    with pytest.warns(UserWarning, match=r"Replaced 1 invalid UTF-8 sequence"):
+        train_tokenizer(
+            tmp_path / "latin1.csv", encoding_errors="replace", **{**kw, "save_path": tmp_path / "r"}
+        )
     train_tokenizer(tmp_path / "bad.csv", skip_bad_records=True, **kw)
     assert "skipped 1 bad record(s)" in capsys.readouterr().out and (out / "gpt2_flax-vocab.json").is_file()
 
