@@ -363,8 +363,9 @@ def _check_folder_tokenizer(model_folder: PathLike, tokenizer: Any) -> None:
 
 def _run_tokenizer(cfg: Config, files: list[str], overwrite: bool) -> tuple[Any, dict[str, str]]:
     """The tokenizer a CLI run uses, and the files to write into the run folder: the configured one,
-    the token cache's, the resumed run's own, or one trained on `files`. A trained tokenizer is
-    staged in a temporary folder; the run folder gets it only once its checks pass (run_dir.py)."""
+    the token cache's, the resumed run's own, or one trained on `files`, read as the dataset reads them
+    (data.text_column, line_by_line, ...: the text only). A trained tokenizer is staged in a temporary
+    folder; the run folder gets it only once its checks pass (run_dir.py)."""
     import tempfile
 
     from gpt2_flax.tokenizer import train_tokenizer
@@ -383,7 +384,7 @@ def _run_tokenizer(cfg: Config, files: list[str], overwrite: bool) -> tuple[Any,
             vocab_size=cfg.model.vocab_size,
             min_frequency=d.min_frequency,
             save_path=tmp,
-            encoding_errors=d.encoding_errors,
+            encoding=d.encoding,
         )
         staged = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir())}
         return load_tokenizer(vocab, merges), staged

@@ -94,6 +94,22 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def _encoding_options(args: argparse.Namespace, **runtime: Any) -> Any:
+    """The EncodingOptions of the flags `_add_encoding_args` adds (train-tokenizer and encode read the
+    same text, so they share these), plus `runtime` settings (num_proc, progress)."""
+    from gpt2_flax.data import EncodingOptions
+
+    column = int(args.text_column) if args.text_column and args.text_column.isdigit() else args.text_column
+    return EncodingOptions(
+        line_by_line=args.line_by_line,
+        text_column=column,
+        header=not args.no_header,
+        encoding_errors=args.encoding_errors,
+        skip_bad_records=args.skip_bad_records,
+        **runtime,
+    )
+
+
 def cmd_train_tokenizer(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from gpt2_flax.tokenizer import train_tokenizer
 
@@ -106,26 +122,18 @@ def cmd_train_tokenizer(args: argparse.Namespace, extra: Sequence[str]) -> int:
         save_path=args.save_path,
         prefix=args.prefix,
         show_progress=True,
-        encoding_errors=args.encoding_errors,
+        encoding=_encoding_options(args),
     )
     print(f"wrote {vocab}\nwrote {merges}\nwrote {Path(args.save_path) / (args.prefix + '.tokenizer.json')}")
     return 0
 
 
 def cmd_encode(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from gpt2_flax.data import EncodingOptions, encode_main
+    from gpt2_flax.data import encode_main
 
     if extra:
         raise ConfigError(f"unrecognised arguments {list(extra)}")
-    column = int(args.text_column) if args.text_column and args.text_column.isdigit() else args.text_column
-    encoding = EncodingOptions(
-        line_by_line=args.line_by_line,
-        text_column=column,
-        header=not args.no_header,
-        encoding_errors=args.encoding_errors,
-        num_proc=args.num_proc,
-        progress=not args.no_progress,
-    )
+    encoding = _encoding_options(args, num_proc=args.num_proc, progress=not args.no_progress)
     summary = encode_main(
         args.files,
         tokenizer_file=args.tokenizer_file,
@@ -229,6 +237,9 @@ def cmd_compile(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0 if report.fits else 1
 
 
+_INPUTS_HELP = "text/CSV/JSONL/Parquet files, folders, globs or hub:NAME[:CONFIG][@SPLIT]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="gpt2-flax", description=__doc__, formatter_class=fmt)
@@ -242,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     t.add_argument("--config", help="YAML config (see configs/); default: the built-in demo")
-    t.add_argument("--data", nargs="+", help="text files, folders or globs (sets data.files)")
+    t.add_argument("--data", nargs="+", help=f"{_INPUTS_HELP} (sets data.files)")
     t.add_argument(
         "--output-dir", help="checkpoints, metrics.jsonl and the export go here (train.output_dir)"
     )
@@ -263,38 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--process-id", type=int, help="multi-host: this process's index")
     t.set_defaults(func=cmd_train)
 
-    k = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files")
-    k.add_argument("files", nargs="+", help="text files, folders or globs")
+    k = sub.add_parser(
+        "train-tokenizer", help="train a byte-level BPE tokenizer on the text a dataset of these inputs reads"
+    )
+    k.add_argument("files", nargs="+", help=_INPUTS_HELP)
     k.add_argument("--vocab-size", type=int, default=5000, help="vocabulary size (default 5000)")
     k.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default 2)")
     k.add_argument("--save-path", default=".", help="output folder (default .)")
     k.add_argument(
         "--prefix", default="gpt2_flax", help="file prefix: PREFIX-vocab.json ... (default gpt2_flax)"
     )
-    k.add_argument(
-        "--encoding-errors",
-        choices=("strict", "replace"),
-        default="strict",
-        help="invalid UTF-8: an error naming file and offset (strict) or U+FFFD (replace)",
-    )
+    _add_encoding_args(k)
     k.set_defaults(func=cmd_train_tokenizer)
 
     n = sub.add_parser("encode", help="tokenize a corpus once into a token cache (before training)")
-    n.add_argument("files", nargs="+", help="text/CSV/JSONL/Parquet files, folders or globs")
+    n.add_argument("files", nargs="+", help=_INPUTS_HELP)
     n.add_argument("--tokenizer-file", help="a tokenizer.json (or --vocab-file with --merges-file)")
     n.add_argument("--vocab-file", help="a vocab.json (with --merges-file)")
     n.add_argument("--merges-file", help="a merges.txt (with --vocab-file)")
     n.add_argument("--cache-dir", help="cache folder (default ~/.cache/gpt2_flax/tokens or $GPT2_FLAX_CACHE)")
     n.add_argument("--output", help="also save the cache here, for train --data.from_cache=OUTPUT")
-    n.add_argument("--line-by-line", action="store_true", help="each line/row/record is its own document")
-    n.add_argument("--text-column", help="CSV column (name or index) or JSONL field with the text")
-    n.add_argument("--no-header", action="store_true", help="CSV files have no header row")
-    n.add_argument(
-        "--encoding-errors",
-        choices=("strict", "replace"),
-        default="strict",
-        help="invalid UTF-8: an error naming file and offset (strict) or U+FFFD (replace)",
-    )
+    _add_encoding_args(n)
     n.add_argument("--num-proc", type=int, default=1, help="encoding worker processes (default 1)")
     n.add_argument("--no-progress", action="store_true", help="no progress bars")
     n.set_defaults(func=cmd_encode)
@@ -353,6 +353,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the report as one JSON object")
     c.set_defaults(func=cmd_compile)
     return p
+
+
+def _add_encoding_args(parser: argparse.ArgumentParser) -> None:
+    """How the inputs are read: the same flags (and meaning) for train-tokenizer and encode."""
+    parser.add_argument("--line-by-line", action="store_true", help="each line/row/record is a document")
+    parser.add_argument("--text-column", help="CSV column (name or index) or JSONL field with the text")
+    parser.add_argument("--no-header", action="store_true", help="CSV files have no header row")
+    parser.add_argument(
+        "--encoding-errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="invalid UTF-8: an error naming file and offset (strict) or U+FFFD (replace)",
+    )
+    parser.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="skip CSV/JSONL records with wrong fields or empty text (counted in a warning), not an error",
+    )
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

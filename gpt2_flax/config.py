@@ -126,7 +126,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Text files, folders or globs. Empty: the offline demo corpus (Python standard-library docstrings).
+    # Text / CSV / JSONL / Parquet files, folders, globs or hub:NAME[:CONFIG][@SPLIT]. Empty: the offline
+    # demo corpus (Python standard-library docstrings).
     files: tuple[str, ...] = ()
     block_size: int | None = None  # tokens per training row; None = model.n_positions
     # An existing tokenizer (tokenizer.json, or vocab + merges). None: train one on `files`.

@@ -8,23 +8,25 @@ workflow; it separates documents in the training stream and doubles as bos/eos/u
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from gpt2_flax.data.sources import (
-    FilesArg,
-    PathLike,
-    Source,
-    check_file,
-    read_range,
-    resolve_files,
-    scan_text_file,
+from gpt2_flax.data.encoding import (
+    EncodingOptions,
+    choose_options,
+    iter_texts,
+    progress_bars,
+    read_parts,
+    warn_replaced,
 )
+from gpt2_flax.data.sources import PathLike, resolve_sources
 from gpt2_flax.errors import DataError
 
 if TYPE_CHECKING:  # importing transformers costs ~1-2 s, so only the functions that need it do
@@ -33,14 +35,12 @@ if TYPE_CHECKING:  # importing transformers costs ~1-2 s, so only the functions 
 EOS = "<|endoftext|>"
 
 
-def _check_not_empty(files: Sequence[Path]) -> None:
-    for path in files:
-        if path.stat().st_size == 0:
-            raise DataError(f"Input file {path} is empty (0 bytes): remove it or add text to it.")
+# Text per trainer input when reading text files: the Rust trainer buffers 256 inputs, so ~16 MB in flight.
+TRAIN_CHUNK = 1 << 16
 
 
 def train_tokenizer(
-    files: FilesArg,
+    files: Any = None,
     vocab_size: int = 5000,
     min_frequency: int = 2,
     save_path: PathLike = ".",
@@ -48,22 +48,27 @@ def train_tokenizer(
     special_tokens: Sequence[str] = (EOS,),
     show_progress: bool = False,
     encoding_errors: str = "strict",
+    *,
+    texts: str | Sequence[str] | None = None,
+    line_by_line: bool = False,
+    text_column: str | int | None = None,
+    header: bool = True,
+    skip_bad_records: bool = False,
+    encoding: EncodingOptions | None = None,
 ) -> tuple[str, str]:
-    """Train a byte-level BPE tokenizer on text files and save it; return (vocab_path, merges_path).
+    """Train a byte-level BPE tokenizer on the texts a TokenDataset of the same inputs and options
+    encodes, and save it; return (vocab_path, merges_path).
 
-    Writes `<prefix>-vocab.json` and `<prefix>-merges.txt` (GPT-2's file pair, loadable by
-    `transformers.GPT2TokenizerFast`) and `<prefix>.tokenizer.json` (the full `tokenizers` JSON).
-    The Rust trainer streams the files itself, so corpus size is not limited by Python memory.
-    Every file is checked first, as the dataset checks it: binary files and invalid UTF-8 are errors
-    naming the file (and byte offset); encoding_errors="replace" trains on U+FFFD instead.
+    files / texts take what TokenDataset takes (text files, folders, globs, .csv / .jsonl / .parquet
+    files, `datasets.Dataset`s, "hub:NAME[:CONFIG][@SPLIT]", lists mixing them; strings); line_by_line,
+    text_column, header, encoding_errors and skip_bad_records (or all of them as `encoding`) mean what
+    they mean there. Only the text column is read, never a header, another column or JSON syntax; every
+    input is checked first, as the dataset checks it (binary files, invalid UTF-8 naming file and byte
+    offset, bad records), and CRLF / CR become LF. The texts stream through `tokenizers`' iterator API,
+    so memory does not grow with the corpus (row sources are read from memory-mapped Arrow files in
+    a temporary folder). Writes `<prefix>-vocab.json` and `<prefix>-merges.txt` (GPT-2's file pair,
+    loadable by `transformers.GPT2TokenizerFast`) and `<prefix>.tokenizer.json` (the full JSON).
     """
-    paths = resolve_files(files)
-    _check_not_empty(paths)
-    replaced = 0
-    for path in paths:
-        src = Source("text", f"Input file {path}", path)
-        check_file(src)
-        replaced += scan_text_file(src, 1 << 62, True, encoding_errors)[2]
     # 256 byte symbols + the special tokens are always in the vocab; need room for >= 1 merge.
     min_vocab = 257 + len(special_tokens)
     if vocab_size < min_vocab:
@@ -71,21 +76,36 @@ def train_tokenizer(
             f"vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens + "
             f"{len(special_tokens)} special token(s) + at least one merge, so use vocab_size >= {min_vocab}."
         )
+    given = EncodingOptions(
+        line_by_line=line_by_line,
+        text_column=text_column,
+        header=header,
+        encoding_errors=encoding_errors,
+        skip_bad_records=skip_bad_records,
+    )
+    options = choose_options(encoding, given)
+    sources = resolve_sources(files, texts)
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
-    # ByteLevelBPETokenizer.train passes initial_alphabet=ByteLevel.alphabet() (all 256 bytes), so any
-    # byte encodes even if absent from the corpus; special tokens are added first, so EOS gets id 0.
-    kw = dict(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(special_tokens))
-    if replaced:  # the Rust trainer reads files as strict UTF-8: feed it the replaced text instead
-
-        def texts() -> Iterator[str]:
-            for path in paths:
-                size = path.stat().st_size
-                for start in range(0, size, 1 << 22):  # 4 MB reads; a cut may split one word in two
-                    yield read_range(str(path), start, min(size, start + (1 << 22)), encoding_errors)
-
-        bpe.train_from_iterator(texts(), show_progress=show_progress, **kw)
-    else:
-        bpe.train(files=[str(p) for p in paths], show_progress=show_progress, **kw)
+    counts = {"replaced": 0}
+    with tempfile.TemporaryDirectory(prefix="gpt2_flax-tokenizer-") as work:
+        rows = any(src.kind != "text" for src in sources)  # text files alone never import datasets
+        with progress_bars(show_progress) if rows else contextlib.nullcontext():
+            parts = read_parts(sources, Path(work), options, TRAIN_CHUNK, counts)
+        # The bar's total: one input per text-file range or row (blank rows are skipped, so it may stop
+        # just short); a line_by_line text file's line count is not known before reading it.
+        unknown = options.line_by_line and any(part.column is None for part in parts)
+        length = None if unknown else sum(len(part) for part in parts)
+        # ByteLevelBPETokenizer passes initial_alphabet=ByteLevel.alphabet() (all 256 bytes), so any
+        # byte encodes even if absent from the corpus; special tokens are added first, so EOS gets id 0.
+        bpe.train_from_iterator(
+            iter_texts(parts, options),
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(special_tokens),
+            show_progress=show_progress,
+            length=length,
+        )
+    warn_replaced(counts["replaced"], stacklevel=2)
     out = Path(save_path).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     vocab_path, merges_path = bpe.save_model(str(out), prefix)

@@ -132,6 +132,39 @@ def test_train_tokenizer_command(corpus_file: Path, tmp_path: Path) -> None:
     assert (tmp_path / "gpt2_flax.tokenizer.json").is_file()
 
 
+def test_train_on_a_csv_trains_its_tokenizer_on_the_text_column(tmp_path: Path, monkeypatch) -> None:
+    """`gpt2-flax train --data x.csv` without a tokenizer trains it on data.text_column alone, with the
+    run's options; stopped right after (the training itself is test_train_export_generate's)."""
+    import csv
+
+    from gpt2_flax import api, train_tokenizer
+    from gpt2_flax.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    texts = [f"the cat {w} on a mat" for w in ("sat", "ran", "slept", "sat down")] * 40
+    with open(tmp_path / "d.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["note", "body"], *(["zzyzx qqq", t] for t in texts)])
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def run_dataset(cfg: Config, files: list[str], tokenizer) -> None:
+        seen.append(tokenizer)
+        raise Stop
+
+    monkeypatch.setattr(api, "_run_dataset", run_dataset)
+    run = tmp_path / "run"
+    args = ["train", "--config", str(ROOT / "configs/tiny.yaml"), "--data", str(tmp_path / "d.csv")]
+    with pytest.raises(Stop):
+        cli.main([*args, "--output-dir", str(run), "--data.text_column=body", "--no-progress"])
+    vocab = set(seen[0].get_vocab())
+    assert "Ġcat" in vocab and not [t for t in vocab if "zz" in t or "qq" in t or "note" in t]
+    # The same tokenizer as train_tokenizer on that column with tiny.yaml's sizes; nothing written yet.
+    v, m = train_tokenizer(tmp_path / "d.csv", 400, 1, tmp_path / "tok", text_column="body")
+    assert tokenizer_fingerprint(seen[0]) == tokenizer_fingerprint(load_tokenizer(v, m))
+    assert not run.exists()
+
+
 @pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
 def test_train_export_generate(corpus_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"

@@ -292,3 +292,29 @@ def test_encode_main_builds_and_saves(tok: Tokenizer, tmp_path: Path) -> None:
     assert Path(summary["cache"]).parent == tmp_path / "c" and summary["mb_per_s"] > 0
     ds = TokenDataset.from_cache(summary["saved"], block_size=8)
     assert ds.tokens.tolist() == docs_layout(tok, LINES)
+
+
+def test_hub_spec_selects_config_and_split(tok: Tokenizer, tmp_path: Path, monkeypatch) -> None:
+    import datasets
+
+    calls: list[tuple] = []
+
+    def load_dataset(name: str, config: str | None = None, *, split: str) -> datasets.Dataset:
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": [f"{name} {config} {split}"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    kw = {"tokenizer": tok, "block_size": 2, "cache_dir": tmp_path / "c"}
+    specs = ["hub:cats", "hub:me/cats:small", "hub:me/cats@test", "hub:me/cats:small@train[:10%]"]
+    TokenDataset(specs, **kw)
+    assert calls == [
+        ("cats", None, "train"),
+        ("me/cats", "small", "train"),
+        ("me/cats", None, "test"),
+        ("me/cats", "small", "train[:10%]"),
+    ]
+    calls.clear()
+    for bad in ("hub:", "hub:cats:", "hub::small", "hub:cats@", "hub:a:b:c", "hub:a@b@c", "hub:my cats"):
+        with pytest.raises(ValueError, match=r"is not a Hub dataset spec: write hub:NAME, hub:NAME:CONFIG"):
+            TokenDataset(["hub:cats", bad], **kw)  # every spec checked before the first download
+    assert calls == []

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import transformers
 
+from gpt2_flax.data import EncodingOptions
 from gpt2_flax.data.sources import resolve_files
 from gpt2_flax.tokenizer import (
     EOS,
@@ -165,3 +166,109 @@ def test_load_errors_and_missing_eos(tmp_path: Path) -> None:
         eos_token_id(no_eos)
     with pytest.raises(ValueError, match="has no"):
         to_transformers(no_eos, 64)
+
+
+# ----------------------------------------------------------------------------- the sources the dataset reads
+
+TEXT_WORDS = "the cat sat on a mat and then ran".split()  # no z, y, x, quotes, braces or colons
+
+
+def merged_tokens(vocab_file: str) -> set[str]:
+    """The tokens BPE merged (the byte symbols and special tokens left out)."""
+    return {t for t in json.loads(Path(vocab_file).read_text(encoding="utf-8")) if len(t) > 1 and t != EOS}
+
+
+def test_csv_and_jsonl_train_on_the_text_column_only(tmp_path: Path) -> None:
+    import csv
+
+    rng = random.Random(5)
+    texts = [" ".join(rng.choice(TEXT_WORDS) for _ in range(8)) for _ in range(200)]
+    texts[3] = "multi\r\nline the cat"  # CRLF inside a quoted field: LF, as the dataset reads it
+    with open(tmp_path / "a.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(
+            [["id", "text", "note"], *([i, t, "zzyzx zzyzx"] for i, t in enumerate(texts))]
+        )
+    lines = [json.dumps({"body": t, "note": "zzyzx"}) for t in texts]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    kw = {"vocab_size": 400, "save_path": tmp_path / "out"}
+    from_csv = train_tokenizer(tmp_path / "a.csv", prefix="csv", **kw)[0]
+    from_jsonl = train_tokenizer(tmp_path / "a.jsonl", text_column="body", prefix="jsonl", **kw)[0]
+    normal = [t.replace("\r\n", "\n") for t in texts]
+    from_texts = train_tokenizer(texts=normal, prefix="texts", **kw)[0]
+    # Exactly the texts the dataset encodes: the same merges as training on the column's values.
+    assert merged_tokens(from_csv) == merged_tokens(from_jsonl) == merged_tokens(from_texts)
+    tokens = merged_tokens(from_csv)
+    assert {"Ġcat", "Ġmat", "Ġthen"} <= tokens
+    assert not [t for t in tokens if set(t) & set('zyx"{}:,\r') or "note" in t or "body" in t]
+    # The raw bytes (what training read before) give exactly those tokens: the check can fail.
+    shutil.copy(tmp_path / "a.jsonl", tmp_path / "raw.txt")
+    raw = merged_tokens(train_tokenizer(tmp_path / "raw.txt", prefix="raw", **kw)[0])
+    assert {"zz", 'Ġ"', "body"} & raw and [t for t in raw if "zzyzx" in t]
+
+
+def test_text_files_train_like_whole_documents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpt2_flax.tokenizer as tokenizer_module
+
+    rng = random.Random(7)
+    seps = ["\n", "\r\n", "\r", "\n\n", " \n", "\n  ", "\n\t"]
+    text = "".join(rng.choice(WORDS) + rng.choice(seps) for _ in range(3000))
+    (tmp_path / "t.txt").write_bytes(text.encode("utf-8"))
+    normal = text.replace("\r\n", "\n").replace("\r", "\n")
+    kw = {"vocab_size": 400, "save_path": tmp_path}
+    whole = Path(train_tokenizer(texts=[normal], prefix="whole", **kw)[1]).read_text(encoding="utf-8")
+    monkeypatch.setattr(tokenizer_module, "TRAIN_CHUNK", 50)  # many ranges, cut where the dataset cuts
+    ranges = Path(train_tokenizer(tmp_path / "t.txt", prefix="ranges", **kw)[1]).read_text(encoding="utf-8")
+    assert ranges == whole
+    lines = [line for line in normal.split("\n") if line.strip()]
+    by_line = train_tokenizer(tmp_path / "t.txt", line_by_line=True, prefix="lbl", **kw)[1]
+    as_list = train_tokenizer(texts=lines, prefix="list", **kw)[1]
+    assert Path(by_line).read_text(encoding="utf-8") == Path(as_list).read_text(encoding="utf-8")
+
+
+def test_bad_records_and_options_fail_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    kw = {"vocab_size": 300, "save_path": out}
+    (tmp_path / "bad.csv").write_text("text\nthe cat\nthe, mat, sat\nran\n", encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=r"bad.csv, line 3: 3 fields where the header has 1.*skip_bad_records=True"
+    ):
+        train_tokenizer(tmp_path / "bad.csv", **kw)
+    (tmp_path / "bad.jsonl").write_text('{"text": "the cat"}\n{"txt": "mat"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: no 'text' field"):
+        train_tokenizer(tmp_path / "bad.jsonl", **kw)
+    with pytest.raises(ValueError, match=r"has no column 'body'.*pass text_column="):
+        train_tokenizer(tmp_path / "bad.csv", text_column="body", **kw)
+    with pytest.raises(ValueError, match=r"texts holds no text"):
+        train_tokenizer(texts=["  ", "\r\n"], **kw)
+    with pytest.raises(ValueError, match="Pass encoding= or the separate encoding options"):
+        train_tokenizer(tmp_path / "bad.csv", encoding=EncodingOptions(), line_by_line=True, **kw)
+    with pytest.raises(ValueError, match="No training text given"):
+        train_tokenizer(**kw)
+    (tmp_path / "latin1.csv").write_bytes(b"text\nthe cat\ncaf\xe9 mat\n")
+    with pytest.raises(ValueError, match=r"latin1.csv is not valid UTF-8 \(byte offset 16.*'replace'"):
+        train_tokenizer(tmp_path / "latin1.csv", **kw)
+    assert not out.exists()
+    with pytest.warns(UserWarning, match=r"Replaced 1 invalid UTF-8 sequence"):
+        train_tokenizer(
+            tmp_path / "latin1.csv", encoding_errors="replace", **{**kw, "save_path": tmp_path / "r"}
+        )
+    train_tokenizer(tmp_path / "bad.csv", skip_bad_records=True, **kw)
+    assert "skipped 1 bad record(s)" in capsys.readouterr().out and (out / "gpt2_flax-vocab.json").is_file()
+
+
+def test_hub_source_trains_through_load_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls: list[tuple] = []
+
+    def load_dataset(name: str, config: str | None = None, *, split: str) -> datasets.Dataset:
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": ["the cat sat", "on a mat"] * 50, "n": list(range(100))})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    from gpt2_flax import cli
+
+    args = ["train-tokenizer", "hub:me/cats:small@validation", "--vocab-size", "300", "--save-path"]
+    assert cli.main([*args, str(tmp_path)]) == 0
+    assert calls == [("me/cats", "small", "validation")]
+    assert "Ġcat" in merged_tokens(str(tmp_path / "gpt2_flax-vocab.json"))

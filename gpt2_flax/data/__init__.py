@@ -3,8 +3,9 @@
 The modules, in the order text flows through them:
 
     sources.py   reading inputs: file globbing, text / CSV / JSONL / Parquet / datasets, text hygiene
-    encoding.py  EncodingOptions (every encoding setting in one frozen object) and the `datasets.map`
-                 encoders that turn sources into token ids
+    encoding.py  EncodingOptions (every encoding setting in one frozen object), the `datasets.map`
+                 encoders that turn sources into token ids, and the same texts streamed for
+                 train_tokenizer (iter_texts)
     cache.py     the token cache: one token file on disk (memory-mapped), keyed by what changes tokens
     rows.py      training rows and batches, a pure function of (seed, step, process index); prefetch
     packing.py   line_by_line rows: whole documents best-fit into rows of block_size tokens
@@ -15,8 +16,9 @@ DataConfig.encoding turns the flat data.* keys into an EncodingOptions; TokenDat
 the cache and `gpt2-flax encode` take it, and its token-changing fields key the cache.
 
 Only the public names below are exported here; everything else is imported from its module. Names
-are imported on first use, so `gpt2_flax.tokenizer` can import `gpt2_flax.data.sources` (file
-globbing and the checks the dataset makes) while the dataset modules import the tokenizer.
+are imported on first use, so `gpt2_flax.tokenizer` can import `gpt2_flax.data.sources` and
+`gpt2_flax.data.encoding` (the sources, checks and texts the dataset reads) while cache.py and
+dataset.py import the tokenizer.
 """
 
 from __future__ import annotations

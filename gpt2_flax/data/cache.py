@@ -21,7 +21,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from gpt2_flax.data.encoding import Encoder, EncodingOptions, encode_stream
+from gpt2_flax.data.encoding import Encoder, EncodingOptions, encode_stream, warn_replaced
 from gpt2_flax.data.sources import PathLike, resolve_sources
 from gpt2_flax.errors import DataError
 from gpt2_flax.tokenizer import eos_token_id, load_tokenizer, tokenizer_fingerprint
@@ -148,12 +147,7 @@ def build_token_cache(
         _publish(work, entry, identity, meta)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if counts["replaced"]:
-        warnings.warn(
-            f"Replaced {counts['replaced']} invalid UTF-8 sequence(s) with U+FFFD (encoding_errors="
-            "'replace').",
-            stacklevel=3,
-        )
+    warn_replaced(counts["replaced"], stacklevel=3)
     logger.info("Encoded %d tokens in %.1f s into %s", counts["num_tokens"], meta["encode_seconds"], entry)
     return entry, meta
 
@@ -170,8 +164,6 @@ def encode_sources(
 ) -> tuple[list, Path, dict]:
     """Resolve the inputs and encode them into the cache (or reuse it): (sources, folder, metadata)."""
     sources = resolve_sources(file_or_files, texts)
-    if not sources:
-        raise DataError("No training text given: pass file_or_files (path, folder, glob or list) or texts.")
     return (sources, *build_token_cache(tokenizer, sources, cache_dir, options))
 
 

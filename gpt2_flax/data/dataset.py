@@ -28,7 +28,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gpt2_flax.data.cache import encode_sources, read_cache, save_cache_folder
-from gpt2_flax.data.encoding import EncodingOptions
+from gpt2_flax.data.encoding import EncodingOptions, choose_options
 from gpt2_flax.data.packing import DocumentRows
 from gpt2_flax.data.rows import MixedRows, PackedRows, Rows
 from gpt2_flax.data.sources import PathLike
@@ -103,8 +103,9 @@ class TokenDataset(_Dataset):
 
     file_or_files: text files, folders or globs (one document per file); .csv / .jsonl / .parquet files
     (one document per row, column `text_column`; CSV with header=False: text_column is an index); a
-    `datasets.Dataset`; "hub:NAME[:CONFIG]" (needs internet); or a list mixing these. texts: strings,
-    one document each. The tokenizer comes from `tokenizer=` or tokenizer_file / vocab_file + merges_file.
+    `datasets.Dataset`; "hub:NAME[:CONFIG][@SPLIT]" (needs internet; split "train" by default); or a
+    list mixing these. texts: strings, one document each. The tokenizer comes from `tokenizer=` or
+    tokenizer_file / vocab_file + merges_file.
 
     line_by_line: every line (text files; blank lines skipped) / row / string is a document, packed
     into rows without crossing (see DocumentRows); long_documents="split" | "truncate" for documents
@@ -163,9 +164,7 @@ class TokenDataset(_Dataset):
             num_proc=num_proc,
             progress=progress,
         )
-        if encoding is not None and given != EncodingOptions():
-            raise DataError("Pass encoding= or the separate encoding options (line_by_line=, ...), not both.")
-        self.encoding = given if encoding is None else encoding
+        self.encoding = choose_options(encoding, given)
         sources, entry, meta = encode_sources(tokenizer, file_or_files, texts, cache_dir, self.encoding)
         self.files = [s.path for s in sources if s.path is not None]
         name = f"Input file {self.files[0]}" if len(sources) == 1 and self.files else "The training text"

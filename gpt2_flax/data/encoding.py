@@ -9,6 +9,10 @@ sources (CSV / JSONL / Parquet / lists / datasets) are encoded in batches of ~1 
 call returns one row holding the token ids of its whole batch (plus document lengths and count), and
 `encode_stream` appends those rows, in source order, to tokens.bin and lengths.bin; cache.py
 turns that folder into a cache entry.
+
+`read_parts` (check every source, then group them into work items / text columns) and the text
+functions (`item_texts`, `row_texts`) serve two readers: the encoding pass, and `iter_texts`, which
+streams the same texts, in the same order, into `train_tokenizer`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +70,13 @@ class EncodingOptions:
         return key
 
 
+def choose_options(encoding: EncodingOptions | None, given: EncodingOptions) -> EncodingOptions:
+    """`encoding` when given, else the options passed as separate keywords (`given`); both is an error."""
+    if encoding is not None and given != EncodingOptions():
+        raise DataError("Pass encoding= or the separate encoding options (line_by_line=, ...), not both.")
+    return given if encoding is None else encoding
+
+
 @dataclass(frozen=True)
 class Encoder:
     """The runtime state of one encoding pass, handed to every `datasets.map` worker."""
@@ -106,25 +118,16 @@ def _encode_texts(texts: list[str], ends: list[bool], s: Encoder) -> dict[str, l
     return {"ids": [ids], "lengths": [np.asarray(lengths, np.int64)], "docs": [sum(ends)]}
 
 
-def encode_text_items(batch: dict[str, list[Any]], s: Encoder) -> dict[str, list[Any]]:
-    """map fn over text work items (path, start, end, doc_end): read the byte ranges and encode them."""
-    texts, ends = [], []
-    for path, start, end, doc_end in zip(
-        batch["path"], batch["start"], batch["end"], batch["doc_end"], strict=True
-    ):
-        text = read_range(path, start, end, s.options.encoding_errors)
-        if s.options.line_by_line:
-            docs = [line for line in text.split("\n") if line and not line.isspace()]  # blank lines skipped
-            texts += docs
-            ends += [True] * len(docs)
-        else:
-            texts.append(text)
-            ends.append(doc_end)
-    return _encode_texts(texts, ends, s)
+def item_texts(path: str, start: int, end: int, options: EncodingOptions) -> list[str]:
+    """The texts of one text work item: its byte range (line_by_line: each non-blank line, a document)."""
+    text = read_range(path, start, end, options.encoding_errors)
+    if options.line_by_line:
+        return [line for line in text.split("\n") if line and not line.isspace()]  # blank lines skipped
+    return [text]
 
 
-def encode_rows(values: list[Any], s: Encoder, name: str, column: str) -> dict[str, list[Any]]:
-    """map fn over a text column: every non-blank row is one document."""
+def row_texts(values: list[Any], name: str, column: str) -> list[str]:
+    """The documents of a batch of text-column values: every non-blank row, CRLF / CR -> LF."""
     docs = []
     for value in values:
         if value is None:
@@ -136,6 +139,25 @@ def encode_rows(values: list[Any], s: Encoder, name: str, column: str) -> dict[s
             )
         if value and not value.isspace():
             docs.append(normalize_newlines(value))
+    return docs
+
+
+def encode_text_items(batch: dict[str, list[Any]], s: Encoder) -> dict[str, list[Any]]:
+    """map fn over text work items (path, start, end, doc_end): read the byte ranges and encode them."""
+    texts, ends = [], []
+    for path, start, end, doc_end in zip(
+        batch["path"], batch["start"], batch["end"], batch["doc_end"], strict=True
+    ):
+        docs = item_texts(path, start, end, s.options)
+        texts += docs
+        # line_by_line: every line ends a document; else the range ends one only at the file's end.
+        ends += [True] * len(docs) if s.options.line_by_line else [doc_end]
+    return _encode_texts(texts, ends, s)
+
+
+def encode_rows(values: list[Any], s: Encoder, name: str, column: str) -> dict[str, list[Any]]:
+    """map fn over a text column: every non-blank row is one document."""
+    docs = row_texts(values, name, column)
     return _encode_texts(docs, [True] * len(docs), s)
 
 
@@ -143,7 +165,7 @@ def encode_rows(values: list[Any], s: Encoder, name: str, column: str) -> dict[s
 
 
 @contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
+def progress_bars(enabled: bool) -> Iterator[None]:
     import datasets
 
     was_disabled = datasets.are_progress_bars_disabled()
@@ -165,33 +187,105 @@ def _groups(sources: list[Source], columns: list[str | None]) -> Iterator[tuple[
             group = []
 
 
-def _text_items(group: list[Source], s: Encoder, counts: dict[str, int]) -> Any:
-    import datasets
-
+def _text_items(
+    group: list[Source], options: EncodingOptions, chunk: int, counts: dict[str, int]
+) -> dict[str, list[Any]]:
+    # Plain columns, not a datasets.Dataset: training a tokenizer on text files never imports datasets
+    # (~1.5 s); encode_stream turns them into one for its map.
     rows: dict[str, list[Any]] = {"path": [], "start": [], "end": [], "doc_end": []}
-    errors = s.options.encoding_errors
     for src in group:
-        cuts, size, replaced = scan_text_file(src, s.chunk_chars, s.options.line_by_line, errors)
+        cuts, size, replaced = scan_text_file(src, chunk, options.line_by_line, options.encoding_errors)
         counts["replaced"] += replaced
         rows["path"] += [str(src.path)] * len(cuts)
         rows["start"] += cuts
         rows["end"] += [*cuts[1:], size]
         rows["doc_end"] += [False] * (len(cuts) - 1) + [True]
-    return datasets.Dataset.from_dict(rows)
+    return rows
 
 
 def _row_items(
-    group: list[Source],
-    column: str,
-    s: Encoder,
-    counts: dict[str, int],
-    work: Path,
+    group: list[Source], column: str, options: EncodingOptions, counts: dict[str, int], work: Path
 ) -> Any:
     """The group's text column as a `datasets.Dataset`; CSV / JSONL files are scanned for U+FFFD counts."""
-    errors = s.options.encoding_errors
+    errors = options.encoding_errors
     if group[0].kind in ("csv", "json"):
         counts["replaced"] += sum(scan_text_file(f, 1 << 62, True, errors)[2] for f in group)
-    return load_rows(group[0].kind, group, column, s.options.header, errors, work / "hf")
+    return load_rows(group[0].kind, group, column, options.header, errors, work / "hf")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One group of sources, checked and ready to read (see read_parts)."""
+
+    name: str  # how messages name it: "Input file a.csv (+2 more)"
+    column: str | None  # None: text files; else the name of the text column
+    items: Any  # text files: work items as columns {path, start, end, doc_end}; else a datasets.Dataset
+
+    def __len__(self) -> int:
+        """Work items or rows."""
+        return len(self.items["path"]) if self.column is None else len(self.items)
+
+
+def read_parts(
+    sources: list[Source], work: Path, options: EncodingOptions, chunk: int, counts: dict[str, int]
+) -> list[Part]:
+    """Check every source (empty, binary, UTF-8, text column, every record) before anything is read for
+    real, then group them: text files cut into work items of ~`chunk` bytes, row sources loaded as their
+    text column (Arrow files and cleaned copies of files with skipped records go under `work`).
+    U+FFFD replacements are added to counts["replaced"]."""
+    for src in sources:
+        if src.path is not None:
+            check_file(src)
+    header, column = options.header, options.text_column
+    columns = [None if src.kind == "text" else row_column(src, column, header) for src in sources]
+    # Every record checked before anything is encoded (wrong text is worse than no text).
+    sources = [
+        src if col is None else check_records(src, col, header, options.skip_bad_records, work / "clean")
+        for src, col in zip(sources, columns, strict=True)
+    ]
+    parts = []
+    for group, column in _groups(sources, columns):
+        name = group[0].name + (f" (+{len(group) - 1} more)" if len(group) > 1 else "")
+        if column is None:
+            parts.append(Part(name, None, _text_items(group, options, chunk, counts)))
+        else:
+            parts.append(Part(name, column, _row_items(group, column, options, counts, work)))
+    return parts
+
+
+def warn_replaced(count: int, stacklevel: int) -> None:
+    """The one warning for U+FFFD replacements (encoding_errors="replace"), shared by the dataset and
+    the tokenizer; `stacklevel` counts from the caller, as warnings.warn's does."""
+    if count:
+        message = f"Replaced {count} invalid UTF-8 sequence(s) with U+FFFD (encoding_errors='replace')."
+        warnings.warn(message, stacklevel=stacklevel + 1)
+
+
+def _no_text(name: str) -> DataError:
+    return DataError(f"{name} holds no text (only blank lines or rows): add text or remove it.")
+
+
+def _part_texts(part: Part, options: EncodingOptions) -> Iterator[str]:
+    if part.column is None:  # one text range read at a time
+        items = part.items
+        for path, start, end in zip(items["path"], items["start"], items["end"], strict=True):
+            yield from item_texts(path, start, end, options)
+        return
+    for batch in part.items.iter(batch_size=100):  # memory: 100 rows
+        yield from row_texts(batch[part.column], part.name, part.column)
+
+
+def iter_texts(parts: list[Part], options: EncodingOptions) -> Iterator[str]:
+    """Every text the encoding pass encodes, in its order, streamed (memory: one batch of rows or one
+    text range): what a tokenizer trained for this data reads. Text-file ranges end at the same safe
+    cuts, so they pre-tokenize exactly like the whole file."""
+    for part in parts:
+        found = False
+        for text in _part_texts(part, options):
+            found = True
+            yield text
+        if not found:
+            raise _no_text(part.name)
 
 
 def _append_output(result: Any, tokens: io.BufferedWriter, lengths: io.BufferedWriter) -> tuple[int, int]:
@@ -216,23 +310,11 @@ def _append_output(result: Any, tokens: io.BufferedWriter, lengths: io.BufferedW
 def encode_stream(sources: list[Source], workdir: Path, s: Encoder) -> dict[str, int]:
     """Encode every source, in order, into workdir/tokens.bin (and document lengths into lengths.bin).
 
-    Every file is checked (empty, binary, UTF-8, text column) before anything is encoded. Returns
-    {"num_tokens", "num_documents", "replaced"}; scratch Arrow files stay in workdir.
+    Every source is checked (empty, binary, UTF-8, text column, records) before anything is encoded
+    (read_parts). Returns {"num_tokens", "num_documents", "replaced"}; scratch Arrow files stay in workdir.
     """
     import datasets
 
-    opts = s.options
-    for src in sources:
-        if src.path is not None:
-            check_file(src)
-    columns = [
-        None if src.kind == "text" else row_column(src, opts.text_column, opts.header) for src in sources
-    ]
-    # Every record checked before anything is encoded (wrong text is worse than no text).
-    sources = [
-        src if col is None else check_records(src, col, opts.header, opts.skip_bad_records, workdir / "clean")
-        for src, col in zip(sources, columns, strict=True)
-    ]
     counts = {"num_tokens": 0, "num_documents": 0, "replaced": 0}
     features = datasets.Features(
         {
@@ -242,17 +324,17 @@ def encode_stream(sources: list[Source], workdir: Path, s: Encoder) -> dict[str,
         }
     )
     with open(workdir / "tokens.bin", "wb") as tokens, open(workdir / "lengths.bin", "wb") as lengths:
-        with _progress_bars(opts.progress):
-            for i, (group, column) in enumerate(_groups(sources, columns)):
-                name = group[0].name + (f" (+{len(group) - 1} more)" if len(group) > 1 else "")
-                if column is None:
-                    ds, fn, kw, cols = _text_items(group, s, counts), encode_text_items, {}, None
+        with progress_bars(s.options.progress):
+            parts = read_parts(sources, workdir, s.options, s.chunk_chars, counts)
+            for i, part in enumerate(parts):
+                ds = datasets.Dataset.from_dict(part.items) if part.column is None else part.items
+                if part.column is None:
+                    fn, kw, cols = encode_text_items, {}, None
                 else:
-                    ds = _row_items(group, column, s, counts, workdir)
-                    fn, kw, cols = encode_rows, {"name": name, "column": column}, ds.column_names
-                size = ds.data.nbytes if column else sum(ds["end"]) - sum(ds["start"])
+                    fn, kw, cols = encode_rows, {"name": part.name, "column": part.column}, ds.column_names
+                size = ds.data.nbytes if part.column else sum(ds["end"]) - sum(ds["start"])
                 avg = max(1, size // max(1, len(ds)))  # bytes per row: map batches hold ~chunk_chars
-                nproc = min(opts.num_proc, len(ds))
+                nproc = min(s.options.num_proc, len(ds))
                 result = ds.map(
                     fn,
                     batched=True,
@@ -266,13 +348,11 @@ def encode_stream(sources: list[Source], workdir: Path, s: Encoder) -> dict[str,
                     writer_batch_size=16,
                     load_from_cache_file=False,
                     new_fingerprint=hashlib.sha256(f"{workdir}/{i}".encode()).hexdigest()[:32],
-                    desc=f"Encoding {name}",
+                    desc=f"Encoding {part.name}",
                 )
                 num_tokens, docs = _append_output(result, tokens, lengths)
                 if docs == 0:
-                    raise DataError(
-                        f"{name} holds no text (only blank lines or rows): add text or remove it."
-                    )
+                    raise _no_text(part.name)
                 counts["num_tokens"] += num_tokens
                 counts["num_documents"] += docs
     return counts

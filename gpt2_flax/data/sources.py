@@ -1,10 +1,11 @@
 """Reading training text: file globbing, sources, text hygiene, and cutting text files into work items.
 
-`resolve_files` expands paths, folders and globs into an ordered list of files (train_tokenizer reads
-the same files, with the same checks, as the dataset).
+`resolve_files` expands paths, folders and globs into an ordered list of files; `resolve_sources` turns
+those and every other input into sources (train_tokenizer reads the same sources, with the same checks
+and texts, as the dataset: see encoding.py's `read_parts` / `iter_texts`).
 
 A source is a text file (one document), a CSV / JSONL / Parquet file (one document per row), a list of
-strings, or a `datasets.Dataset` (any `load_dataset` result; "hub:NAME[:CONFIG]" loads one by name).
+strings, or a `datasets.Dataset` (any `load_dataset` result; "hub:NAME[:CONFIG][@SPLIT]" loads one).
 Text files are never copied into Arrow: one pass checks each file (binary? valid UTF-8? only whitespace?)
 and cuts it into ~1 MB byte ranges at line breaks, which encoding.py's `datasets.map` workers read back
 with `read_range`, so memory stays flat for any file size. Row sources go through
@@ -152,19 +153,38 @@ def _dataset_source(obj: Any) -> Source:
     return Source("dataset", f"dataset {obj.info.dataset_name or obj._fingerprint!s}", data=obj)
 
 
+# NAME and CONFIG hold no ":" or "@"; SPLIT may hold ":" (datasets' slices: "train[:10%]").
+_HUB_SPEC = re.compile(r"hub:(?P<name>[^:@\s]+)(?::(?P<config>[^:@\s]+))?(?:@(?P<split>[^@\s]+))?")
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
+    """Split "hub:NAME[:CONFIG][@SPLIT]" into (name, config or None, split; "train" when not given)."""
+    match = _HUB_SPEC.fullmatch(spec)
+    if match is None:
+        raise DataError(
+            f"{spec!r} is not a Hub dataset spec: write hub:NAME, hub:NAME:CONFIG, hub:NAME@SPLIT or "
+            "hub:NAME:CONFIG@SPLIT (e.g. hub:wikitext:wikitext-2-raw-v1@validation), without spaces."
+        )
+    return match["name"], match["config"], match["split"] or "train"
+
+
 def _hub_source(spec: str) -> Source:
     import datasets
 
-    name, _, config = spec.removeprefix("hub:").partition(":")
-    return _dataset_source(datasets.load_dataset(name, config or None, split="train"))
+    name, config, split = parse_hub_spec(spec)
+    return _dataset_source(datasets.load_dataset(name, config, split=split))
 
 
 def resolve_sources(file_or_files: Any, texts: str | Sequence[str] | None) -> list[Source]:
-    """Paths, folders, globs (text/.csv/.jsonl/.parquet by extension), datasets and `texts`, in order."""
+    """Paths, folders, globs (text/.csv/.jsonl/.parquet by extension), datasets, "hub:" specs and
+    `texts`, in order; at least one source, else a DataError."""
     single = isinstance(file_or_files, (str, Path)) or type(file_or_files).__module__.startswith("datasets")
     items = [] if file_or_files is None else [file_or_files] if single else list(file_or_files)
     if file_or_files is not None and not items:
         resolve_files(items)  # raises its "No input files given" error
+    for item in items:  # every spec checked before the first (slow, online) load
+        if isinstance(item, str) and item.startswith("hub:"):
+            parse_hub_spec(item)
     sources: list[Source] = []
     for item in items:
         if type(item).__module__.startswith("datasets"):
@@ -177,6 +197,11 @@ def resolve_sources(file_or_files: Any, texts: str | Sequence[str] | None) -> li
     texts = [texts] if isinstance(texts, str) else list(texts or [])  # a bare string is one document
     if texts:
         sources.append(Source("texts", "texts", data=texts))
+    if not sources:
+        raise DataError(
+            "No training text given: pass the inputs (a path, folder, glob, dataset, hub:NAME or a list of "
+            "them) or texts=."
+        )
     return sources
 
 
