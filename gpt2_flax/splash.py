@@ -65,8 +65,8 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
     """Causal softmax attention, q, k, v (B, T, H, D) -> (B, T, H, D), as `model._attend` computes
     it; segment_ids (B, T) of packed rows: a token sees only earlier tokens of its own document.
     Each device runs the kernel on its own rows and heads (batch over the data axes, heads over
-    `tensor`, the same split `Attention._qkv` constrains q, k, v to): XLA cannot partition the
-    kernel's opaque custom call itself."""
+    `tensor`, the same split `Attention._qkv` constrains q, k, v to): on a mesh without shard_map
+    the lowering refuses ("Mosaic kernels cannot be automatically partitioned")."""
     b, t, h, d = q.shape
     # The kernel does not scale the scores: scale q instead (1/8 for D=64, a power of two, so in bf16
     # exactly the explicit path's scaling of the float32 scores).

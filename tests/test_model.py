@@ -249,29 +249,22 @@ def test_fused_attention_branch_equals_the_explicit_path(monkeypatch) -> None:
 
 
 def test_splash_branch_equals_the_explicit_path_on_packed_rows(monkeypatch) -> None:
-    # The TPU's splash branch in Pallas interpret mode: logits and every parameter's gradient of a
-    # 1-layer model on packed rows (segment ids: the model hands them to the kernel, not a mask).
-    # Causal rows without documents, on a mesh: tests/test_splash.py.
+    # The TPU's splash branch in Pallas interpret mode, logits of a 1-layer model on packed rows: the
+    # model hands the kernel the segment ids instead of building a mask. The kernel's values and
+    # gradients against the explicit path, causal and packed, on a mesh: tests/test_splash.py.
     import gpt2_flax.model as model_module
 
     t = 128  # the kernel's smallest row (its block granularity)
     model = new_model(small_config(V, max_length=t, n_embd=32, n_layer=1, n_head=2))
-    ids = jnp.asarray(random_ids((2, t + 1), seed=9))
+    ids = jnp.asarray(random_ids((2, t), seed=9))
     segments = jnp.asarray([[0] * 50 + [1] * 78, [0] * 127 + [1]])
     positions = jnp.asarray([list(range(50)) + list(range(78)), list(range(127)) + [0]])
-    graphdef, state = nnx.split(model)
-
-    def loss_fn(state):
-        logits = nnx.merge(graphdef, state)(ids[:, :-1], positions=positions, segment_ids=segments)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean(), logits
-
-    run = lambda: jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state)
-    (_, want), want_grads = run()
+    run = lambda: nnx.jit(lambda m: m(ids, positions=positions, segment_ids=segments))(model)  # a new trace
+    want = run()
     calls = []
     splash = model_module.AttentionChoice("splash", "interpret mode")
     monkeypatch.setattr(model_module, "attention_implementation", lambda *a, **k: calls.append(1) or splash)
-    (_, got), got_grads = run()
+    got = run()
     assert calls
     np.testing.assert_allclose(got, want, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert np.abs(np.asarray(want)).max() > 0.1

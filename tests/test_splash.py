@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gpt2_flax import splash
-from gpt2_flax.config import MeshConfig, ModelConfig
+from gpt2_flax.config import ConfigError, MeshConfig, ModelConfig
 from gpt2_flax.model import _attend, attention_implementation
 from gpt2_flax.sharding import make_mesh
 
@@ -70,6 +70,8 @@ def test_attention_choice() -> None:
     assert choose("gpu").impl == "cudnn"  # "auto" dtype: bfloat16 on GPU
     assert choose("gpu", packed=True).impl == choose("gpu", dropout=0.1).impl == "explicit"
     assert choose("cpu").impl == "explicit"
+    with pytest.raises(ConfigError, match="model.attention must be auto or explicit"):
+        ModelConfig(attention="flash")
 
 
 def test_block_sizes_follow_t_and_head_dim() -> None:
