@@ -78,9 +78,11 @@ class CompileReport:
             f"outputs {g(self.output_bytes)} (donated {g(self.alias_bytes)})",
             f"total {g(self.total_bytes)} of {g(self.hbm_bytes)} HBM per device -> "
             + ("FITS" if self.fits else "DOES NOT FIT"),
-            # XLA's cost analysis counts a loop body once: the layer scan and the microbatch scan.
-            f"FLOPs per step (compiler, all devices, loop bodies counted once): {self.compiler_flops:.3e}; "
-            f"model FLOPs per token: {self.model_flops_per_token:.3e}",
+            # XLA's cost analysis counts a loop body once (the layer scan, the microbatch scan) and
+            # sees nothing inside a custom call (124M, v5e:2x4: 9.46e12 explicit, 9.04e12 splash).
+            "FLOPs per step (compiler, all devices, loop bodies counted once"
+            + (", TPU kernels not counted" if self.kernel_calls else "")
+            + f"): {self.compiler_flops:.3e}; model FLOPs per token: {self.model_flops_per_token:.3e}",
             f"tokens/s at 40% MFU: {self.tokens_per_s(0.4):,.0f}; at 60% MFU: {self.tokens_per_s(0.6):,.0f}",
         ]
         return "\n".join(lines)

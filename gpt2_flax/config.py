@@ -61,7 +61,7 @@ class ModelConfig:
     remat: str = "none"
     # Attention: auto = the Pallas splash kernel on TPU, cuDNN's fused kernel on GPU (16-bit, no
     # attention dropout in training), the explicit softmax elsewhere and for shapes the kernels do
-    # not take (`model.attention_implementation` says which and why); explicit = always the explicit
+    # not take (`gpt2-flax compile` prints which and why); explicit = always the explicit
     # softmax (to compare memory or numerics against the kernels).
     attention: str = "auto"
     initializer_range: float = 0.02  # std of the normal init (GPT-2's; residual projections scaled)

@@ -40,7 +40,7 @@ def test_splash_in_interpret_mode_equals_the_explicit_path(packed: bool, monkeyp
         bounds = [(100,), (130, 200), (), (1,)]  # row 3: a one-token document, then one to the end
         segments = jnp.asarray([np.searchsorted(b, np.arange(T), side="right") for b in bounds], jnp.int32)
     kernel = lambda q, k, v: splash.splash_attention(q, k, v, segments, interpret=True)
-    # On the mesh, as in training: rows over data (B'=2 per device), heads over tensor (H'=1).
+    # On the mesh, as in training: rows over data x fsdp (B'=1 per device), heads over tensor (H'=1).
     with jax.set_mesh(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
         got, got_grads = jax.jit(_value_and_grads, static_argnums=0)(kernel, (q, k, v), ct)
     want, want_grads = jax.jit(_value_and_grads, static_argnums=0)(
