@@ -161,7 +161,7 @@ class Attention(nnx.Module):
         if masking.impl == "splash":
             from gpt2_flax.splash import splash_attention
 
-            # No (T, T) scores in HBM; numerics: tests/test_model.py, against `_attend` below.
+            # No (T, T) scores in HBM; numerics: tests/test_splash.py, against `_attend` below.
             y = splash_attention(q, k, v, masking.segment_ids, interpret=masking.interpret)
             return dropout(self.c_proj(y.reshape(b * t, c)), self.rate, None if keys is None else keys[1])
         if masking.impl in ("cudnn", "xla"):
@@ -257,7 +257,7 @@ def attention_implementation(
 
         why = splash.unsupported(t)
         if dropout > 0.0:
-            why = f"model.dropout={dropout} in training: splash has no attention dropout; model.dropout=0 has"
+            why = f"model.dropout={dropout} in training: splash has no attention dropout (model.dropout=0)"
         if why is not None:
             return AttentionChoice("explicit", why)
         block = splash.block_sizes(t, cfg.n_embd // cfg.n_head, dtype.itemsize).block_q
@@ -368,9 +368,10 @@ class GPT2LMHeadModel(nnx.Module):
             self.config, self.platform, t, dropout=rate, packed=segment_ids is not None
         ).impl
         masking = Masking(impl, interpret=self.platform != "tpu")
-        if impl == "splash":  # the kernel masks by segment ids itself
+        # Plain causal rows: the attention builds (or fuses) the causal mask itself.
+        if impl == "splash":  # packed rows: the kernel masks by segment ids itself
             masking = masking._replace(segment_ids=segment_ids)
-        elif segment_ids is not None:  # plain causal rows: the attention builds (or fuses) the mask
+        elif segment_ids is not None:  # packed rows, explicit path: (B, 1, T, T) allowed pairs
             causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
             same_doc = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
             masking = masking._replace(mask=causal & same_doc)
