@@ -59,6 +59,11 @@ class ModelConfig:
     vocab_multiple: int = 128
     # Rematerialisation of each block in the backward pass: none | block | dots (save matmul outputs).
     remat: str = "none"
+    # Attention: auto = the Pallas splash kernel on TPU, cuDNN's fused kernel on GPU (16-bit, no
+    # attention dropout in training), the explicit softmax elsewhere and for shapes the kernels do
+    # not take (`gpt2-flax compile` prints which and why); explicit = always the explicit
+    # softmax (to compare memory or numerics against the kernels).
+    attention: str = "auto"
     initializer_range: float = 0.02  # std of the normal init (GPT-2's; residual projections scaled)
     # Start from this GPT-2 instead of random weights: a folder written by transformers'
     # save_pretrained (or by gpt2-flax), or a Hugging Face Hub id such as "gpt2" (needs internet).
@@ -82,6 +87,8 @@ class ModelConfig:
             raise ConfigError(f"model.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.remat not in ("none", "block", "dots"):
             raise ConfigError(f"model.remat must be none, block or dots, got {self.remat!r}")
+        if self.attention not in ("auto", "explicit"):
+            raise ConfigError(f"model.attention must be auto or explicit, got {self.attention!r}")
         if not self.initializer_range > 0.0:
             raise ConfigError(f"model.initializer_range must be > 0, got {self.initializer_range}")
 

@@ -17,6 +17,7 @@ mesh axes, so this file never names a mesh axis.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
@@ -138,6 +139,18 @@ class KVCache(NamedTuple):
     v: Array
 
 
+class Masking(NamedTuple):
+    """How a forward's attention runs and masks, decided once per forward for every layer:
+    impl ("splash", "cudnn", "explicit"; the tests add "xla"), the (B, 1, T, T) allowed pairs of
+    packed rows for the explicit path (None: plain causal rows) or their (B, T) segment ids for
+    splash, and whether a Pallas kernel is interpreted (off TPU)."""
+
+    impl: str
+    mask: Array | None = None
+    segment_ids: Array | None = None
+    interpret: bool = False
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, proj_std: float, rngs: nnx.Rngs):
         c = cfg.n_embd
@@ -153,17 +166,22 @@ class Attention(nnx.Module):
         qkv = constrain(qkv, ("batch", None, None, "heads", None))
         return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, D) each
 
-    def __call__(self, x: Array, mask: Array | None, shape: tuple[int, int], keys: Array | None) -> Array:
-        """mask: (B, 1, T, T) allowed pairs for packed documents, or None for plain causal rows."""
+    def __call__(self, x: Array, masking: Masking, shape: tuple[int, int], keys: Array | None) -> Array:
         b, t = shape
         c = x.shape[-1]
         q, k, v = self._qkv(x, b, t)
-        fused = _fused_attention(x.dtype, self.rate if keys is not None else 0.0) if mask is None else None
-        if fused is not None:
+        if masking.impl == "splash":
+            from gpt2_flax.splash import splash_attention
+
+            # No (T, T) scores in HBM; numerics: tests/test_splash.py, against `_attend` below.
+            y = splash_attention(q, k, v, masking.segment_ids, interpret=masking.interpret)
+            return dropout(self.c_proj(y.reshape(b * t, c)), self.rate, None if keys is None else keys[1])
+        if masking.impl in ("cudnn", "xla"):
             # cuDNN flash attention: no (T, T) scores in memory (H100, GPT-2 124M at T=1024: the
             # explicit path below ran the train step 2.8x slower than torch.compile's SDPA).
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=fused)
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=masking.impl)
             return dropout(self.c_proj(y.reshape(b * t, c)), self.rate, None if keys is None else keys[1])
+        mask = masking.mask
         if mask is None:
             mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]  # (1, 1, T, T) causal
         y = _attend(q, k, v, mask, self.rate, None if keys is None else keys[0]).reshape(b * t, c)
@@ -219,14 +237,46 @@ def unroll_layers(platform: str, n_layer: int) -> bool:
     return platform == "cpu" and n_layer <= 8
 
 
-def _fused_attention(dtype: Any, dropout_rate: float) -> str | None:
-    """The `jax.nn.dot_product_attention` implementation for plain causal rows, or None for the
-    explicit einsum path. cuDNN's fused kernel: GPUs, 16-bit compute, no dropout on the attention
-    probabilities. Elsewhere (CPU, TPU, fp32) the explicit path; on XLA:CPU it is the faster one.
-    (The tests run the fused branch on CPU with implementation="xla", to check its q/k/v layout.)"""
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 and dropout_rate == 0.0:
-        return "cudnn"
-    return None
+@dataclass(frozen=True)
+class AttentionChoice:
+    impl: str  # "splash" | "cudnn" | "explicit"
+    why: str  # for the compile report and the docs
+
+    def __str__(self) -> str:
+        return f"{self.impl} ({self.why})"
+
+
+def attention_implementation(
+    cfg: ModelConfig, platform: str, t: int, *, dropout: float, packed: bool
+) -> AttentionChoice:
+    """The one choice of attention for a forward of rows of length `t` on `platform`; dropout is
+    the attention dropout rate in effect (0 in evaluation), packed whether rows carry segment ids.
+
+    TPU: the splash kernel (gpt2_flax/splash.py) for causal and packed rows when T is a multiple of
+    128. GPT-2 124M on v5e:2x4, temporaries per device: 3.97 -> 3.82 GiB at 16 microbatches and
+    remat dots, 10.39 -> 7.12 GiB without remat (BENCHMARKS.md).
+    Attention dropout in training keeps the explicit path: the kernel never forms the probabilities
+    a dropout mask would apply to (model.dropout=0, the default, gets the kernel). Other T keep it
+    too, rather than padding: every layer would pad q, k, v and slice the output (copies of
+    (B, T, C)) to compute up to 127 thrown-away rows, and every recipe's T is a multiple of 128.
+    GPU: cuDNN's fused kernel for plain causal rows, 16-bit compute, no attention dropout.
+    Elsewhere (CPU, fp32 GPU) the explicit path; on XLA:CPU it is the faster one."""
+    dtype = compute_dtype(cfg.dtype, platform)
+    if cfg.attention == "explicit":
+        return AttentionChoice("explicit", "model.attention=explicit")
+    if platform == "tpu":
+        from gpt2_flax import splash
+
+        why = splash.unsupported(t)
+        if dropout > 0.0:
+            why = f"model.dropout={dropout} in training: splash has no attention dropout (model.dropout=0)"
+        if why is not None:
+            return AttentionChoice("explicit", why)
+        block = splash.block_sizes(t, cfg.n_embd // cfg.n_head, dtype.itemsize).block_q
+        return AttentionChoice("splash", f"Pallas TPU kernel, {block}x{block} blocks")
+    if platform == "gpu" and dtype.itemsize == 2 and dropout == 0.0 and not packed:
+        return AttentionChoice("cudnn", "cuDNN fused attention")
+    return AttentionChoice("explicit", f"{jnp.dtype(dtype).name} on {platform}")
 
 
 class MLP(nnx.Module):
@@ -252,8 +302,8 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, eps, rngs)
         self.mlp = MLP(cfg, proj_std, rngs)
 
-    def __call__(self, x: Array, mask: Array | None, shape: tuple[int, int], keys: Array | None) -> Array:
-        x = x + self.attn(self.ln_1(x), mask, shape, None if keys is None else keys[:2])
+    def __call__(self, x: Array, masking: Masking, shape: tuple[int, int], keys: Array | None) -> Array:
+        x = x + self.attn(self.ln_1(x), masking, shape, None if keys is None else keys[:2])
         return x + self.mlp(self.ln_2(x), None if keys is None else keys[2])
 
     def decode(
@@ -285,6 +335,7 @@ class GPT2LMHeadModel(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         platform = platform or jax.default_backend()
         self.config = config
+        self.platform = platform
         self.dtype = compute_dtype(config.dtype, platform)
         self.remat = config.remat
         self.unroll = unroll_layers(platform, config.n_layer)
@@ -324,17 +375,25 @@ class GPT2LMHeadModel(nnx.Module):
             )
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        mask = None  # plain causal rows: the attention builds (or fuses) the causal mask itself
-        if segment_ids is not None:
+        rate = self.config.dropout if dropout_key is not None else 0.0
+        impl = attention_implementation(
+            self.config, self.platform, t, dropout=rate, packed=segment_ids is not None
+        ).impl
+        masking = Masking(impl, interpret=self.platform != "tpu")
+        # Plain causal rows: the attention builds (or fuses) the causal mask itself.
+        if impl == "splash":  # packed rows: the kernel masks by segment ids itself
+            masking = masking._replace(segment_ids=segment_ids)
+        elif segment_ids is not None:  # packed rows, explicit path: (B, 1, T, T) allowed pairs
             causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
-            mask = causal & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+            same_doc = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+            masking = masking._replace(mask=causal & same_doc)
         x = self._embed(input_ids, positions)  # (B*T, C), 2-D activations through the blocks
         keys = None
         if dropout_key is not None:
             k_embd, k_blocks = jax.random.split(dropout_key)
             x = dropout(x, self.embd_rate, k_embd)
             keys = jax.random.split(k_blocks, (self.config.n_layer, 3))  # 3 dropouts per block
-        x = self._blocks(x, mask, (b, t), keys)
+        x = self._blocks(x, masking, (b, t), keys)
         return self._logits(self.ln_f(x)).reshape(b, t, self.vocab_size)
 
     def _embed(self, input_ids: Array, positions: Array) -> Array:
@@ -390,10 +449,10 @@ class GPT2LMHeadModel(nnx.Module):
         last = x.reshape(b, t, -1)[:, -1]  # (B, C): only the last token's logits are sampled from
         return self._logits(self.ln_f(last)), KVCache(k, v)
 
-    def _blocks(self, x: Array, mask: Array, shape: tuple[int, int], keys: Array | None) -> Array:
+    def _blocks(self, x: Array, masking: Masking, shape: tuple[int, int], keys: Array | None) -> Array:
         def body(x: Array, block: Block, layer_keys: Array | None) -> Array:
             # The one activation constraint per block: rows over the data axes, features whole.
-            return block(constrain(x, ("batch", None)), mask, shape, layer_keys)
+            return block(constrain(x, ("batch", None)), masking, shape, layer_keys)
 
         if self.remat != "none":
             body = nnx.remat(body, policy=_REMAT_POLICIES[self.remat])

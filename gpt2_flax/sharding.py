@@ -154,6 +154,22 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, _fit(spec, x.shape, mesh))
 
 
+def shard_map_by_name(
+    f: Any, args: Sequence[jax.Array], names: Sequence[Sequence[str | None]], out_names: Sequence[str | None]
+) -> jax.Array:
+    """`f` run on each device's shard of `args` (each split by its logical axis names, as
+    `constrain` splits it) under the mesh that `jax.set_mesh` set; f's one output, shaped like
+    args[0], is split by `out_names`. Without a mesh, `f(*args)`. For kernels XLA cannot
+    partition (a Pallas call is an opaque custom call)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return f(*args)
+    in_specs = tuple(_fit(logical_to_spec(tuple(n)), a.shape, mesh) for a, n in zip(args, names, strict=True))
+    out_spec = _fit(logical_to_spec(tuple(out_names)), args[0].shape, mesh)
+    # check_vma=False: Pallas calls carry no varying-manual-axes rule; the specs above say it all.
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Rows of a (B, T) batch split over every data-parallel axis; time replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))

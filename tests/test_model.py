@@ -239,9 +239,32 @@ def test_fused_attention_branch_equals_the_explicit_path(monkeypatch) -> None:
     model = new_model(tiny())
     want = _loss_and_grads(model, ids, None)
     calls = []
-    monkeypatch.setattr(model_module, "_fused_attention", lambda dtype, rate: calls.append(1) or "xla")
+    xla = model_module.AttentionChoice("xla", "the fused branch's call, on CPU")
+    monkeypatch.setattr(model_module, "attention_implementation", lambda *a, **k: calls.append(1) or xla)
     got = _loss_and_grads(model, ids, None)
     assert calls  # the fused branch was traced
     np.testing.assert_allclose(got[1], want[1], atol=1e-5)
     for a, b in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2]), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_splash_branch_equals_the_explicit_path_on_packed_rows(monkeypatch) -> None:
+    # The TPU's splash branch in Pallas interpret mode, logits of a 1-layer model on packed rows: the
+    # model hands the kernel the segment ids instead of building a mask. The kernel's values and
+    # gradients against the explicit path, causal and packed, on a mesh: tests/test_splash.py.
+    import gpt2_flax.model as model_module
+
+    t = 128  # the kernel's smallest row (its block granularity)
+    model = new_model(small_config(V, max_length=t, n_embd=32, n_layer=1, n_head=2))
+    ids = jnp.asarray(random_ids((2, t), seed=9))
+    segments = jnp.asarray([[0] * 50 + [1] * 78, [0] * 127 + [1]])
+    positions = jnp.asarray([list(range(50)) + list(range(78)), list(range(127)) + [0]])
+    run = lambda: nnx.jit(lambda m: m(ids, positions=positions, segment_ids=segments))(model)  # a new trace
+    want = run()
+    calls = []
+    splash = model_module.AttentionChoice("splash", "interpret mode")
+    monkeypatch.setattr(model_module, "attention_implementation", lambda *a, **k: calls.append(1) or splash)
+    got = run()
+    assert calls
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(np.asarray(want)).max() > 0.1
