@@ -64,25 +64,10 @@ def test_gpt2_124m_fits(topology: str, kind: str) -> None:
     assert r["argument_bytes"] > r["n_params"] * 12 / r["n_devices"]  # params + 2 Adam moments, fp32
     # Splash attention, in the compiled program: its forward, dq and dkv kernels are TPU custom calls
     # (4 with remat: the forward again in the backward). Temporaries 3.82 GiB; the explicit path at
-    # the same 16 microbatches and remat dots: 3.97 GiB (BENCHMARKS.md).
+    # the same 16 microbatches and remat dots: 3.97 GiB (BENCHMARKS.md, with a same-run small-model
+    # comparison, 139.7 vs 27.6 MiB, left out of the suite: its two T=1024 compiles take ~45 s).
     assert r["attention"].startswith("splash") and r["kernel_calls"] >= 3
     assert r["temp_bytes"] < 3.97 * (1 << 30)
-
-
-@pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
-def test_splash_needs_less_temporary_memory_than_the_explicit_path() -> None:
-    # T=1024, 2 layers of 256 (4 heads of 64), 2 rows per device, no remat: the explicit path keeps
-    # each layer's (2, 4, 1024, 1024) probabilities for the backward. Measured: 139.7 MiB of
-    # temporaries per device vs 27.6 MiB with splash. (1 layer, or 1 row per device: both ~5 MiB, the
-    # TPU compiler keeps the scores in VMEM; so this is the smallest model that shows the difference.)
-    model = dict(n_positions=1024, n_embd=256, n_layer=2, vocab_size=128)
-    small = [*(f"--model.{k}={v}" for k, v in model.items()), "--train.batch_size=8"]
-    splash = _compile("configs/tiny.yaml", "v5e:2x2", *small)[1]
-    explicit = _compile("configs/tiny.yaml", "v5e:2x2", *small, "--model.attention=explicit")[1]
-    assert splash["attention"] == "splash (Pallas TPU kernel, 512x512 blocks)" and splash["kernel_calls"] == 3
-    assert explicit["attention"] == "explicit (model.attention=explicit)" and explicit["kernel_calls"] == 0
-    assert splash["argument_bytes"] == explicit["argument_bytes"]
-    assert 2 * splash["temp_bytes"] < explicit["temp_bytes"]
 
 
 @pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
