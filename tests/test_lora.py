@@ -37,6 +37,16 @@ def new_text(tokenizer_files, tmp_path_factory: pytest.TempPathFactory):
     return TokenDataset(root / "new.txt", vocab_file=vocab, merges_file=merges, block_size=32, cache_dir=root)
 
 
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
 def _loss(ai: GPT2, dataset) -> float:
     from gpt2_flax.train import loss_sums
 
@@ -95,16 +105,20 @@ def test_lora_trains_the_adapters_alone_resumes_bitwise_and_exports_merged(
     assert "adapter/adapter_model.safetensors" in manifest["files"]  # PEFT's files, vouched for
     kernel = flat_params(stopped.model)["h.mlp.c_fc.kernel"][0]
     np.testing.assert_array_equal(exported["transformer.h.0.mlp.c_fc.weight"], kernel)
+    kept = _hashes(tmp_path / "b")
     with pytest.raises(ConfigError, match=r"after a LoRA run they hold its adapters merged"):
         stopped.train(new_text, output_dir=tmp_path / "b", num_steps=6, **LORA)  # no base any more
+    assert _hashes(tmp_path / "b") == kept
     resumed, history = _train(base, new_text, tmp_path / "b", num_steps=6, save_every=3)
     assert [r["step"] for r in history] == [4, 5, 6]
     for name, value in flat_params(resumed.model).items():
         assert np.array_equal(value, after[name]), name
 
     # Resuming with other LoRA settings is refused before anything is written.
+    kept = _hashes(tmp_path / "a")
     with pytest.raises(CheckpointError, match=r"LoRA.*rank"):
         _train(base, new_text, tmp_path / "a", num_steps=8, lora_rank=8)
+    assert _hashes(tmp_path / "a") == kept
 
 
 def test_lora_adapter_targets_and_memory(trained_run, dataset, tmp_path: Path) -> None:
