@@ -3,7 +3,9 @@
 Shapes (B rows, P prompt width, N buffer slots, S cache slots, V vocabulary)::
 
     buf    (B, N) int32        every row's tokens; prompts left-padded so that all end at slot P
-    cache  (L, B, S, H, D)     keys and values of every layer (model.KVCache), S = min(N, n_positions)
+    cache  (L, B, H, S, D)     keys and values of every layer (model.KVCache), S = min(N, n_positions);
+                               on CPU L arrays of (B, H, S, D), read with per-layer weights
+                               (`model.decode_layers_apart`: a second copy of the block weights)
     start  (B,)                the slot of each row's first real token (its left padding is before)
 
 A row's positions are ``slot - start`` and no token attends to padding, so each row computes what
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gpt2_flax.model import decode_layers_apart, split_layers
 from gpt2_flax.sharding import BATCH_AXES, MESH_AXES, _fit
 
 Array = jax.Array
@@ -176,6 +180,7 @@ def _choose(logits: Array, keys: Array, s: dict[str, Array], cap: int) -> Array:
 def _generate(
     graphdef: Any,
     params: Any,
+    layers: tuple[Any, ...] | None,
     r: dict[str, Array],
     s: dict[str, Array],
     *,
@@ -186,7 +191,8 @@ def _generate(
 ) -> tuple[Array, Array]:
     """Prefill r["buf"][:, :width], then sample slots width.. until every row reaches its end or
     emits a stop token. r: per-row arrays (buf, start, end, min_end, row_ids); s: shared scalars and
-    the (V,) stop mask. Returns (buf, the first slot not generated)."""
+    the (V,) stop mask; layers: the blocks' weights one array per layer (`model.split_layers`), or
+    None to scan the stacked ones. Returns (buf, the first slot not generated)."""
     buf, start, end, min_end = r["buf"], r["start"], r["end"], r["min_end"]
     stop_mask, pad_id = s["stop_mask"], s["pad_id"]
     model = nnx.merge(graphdef, params)
@@ -200,12 +206,13 @@ def _generate(
     def forward(params: Any, ids: Array, positions: Array, cache: Any, index: Any, cstart: Array) -> Any:
         # merged here, not outside: NNX modules may not cross into the loop's trace level
         valid = jnp.arange(slots)[None, :] >= cstart[:, None]  # (B, S)
-        return nnx.merge(graphdef, params).decode(ids, positions, cache, index, valid)
+        return nnx.merge(graphdef, params).decode(ids, positions, cache, index, valid, layers)
 
     slot = jnp.arange(width)[None, :]
     real = slot >= start[:, None]  # (B, P)
     positions = jnp.maximum(slot - start[:, None], 0)
-    logits, cache = forward(params, buf[:, :width], positions, model.init_cache(b, slots), 0, start)
+    cache = model.init_cache(b, slots, per_layer=layers is not None)
+    logits, cache = forward(params, buf[:, :width], positions, cache, 0, start)
     seen = jnp.zeros((b, vocab), bool).at[rows[:, None], jnp.where(real, buf[:, :width], vocab)]
     seen = seen.set(True, mode="drop")
 
@@ -248,6 +255,15 @@ def _generate(
     return buf, pos
 
 
+_split_layers = jax.jit(split_layers)
+
+# XLA:CPU's default copy insertion copied every per-layer cache buffer twice per token inside the
+# decode loop (a dot reads it, a dynamic-update-slice writes it); its region analysis sees that
+# the reads come first and copies nothing (seed model, batch 8: 32 -> 0 copies of (8, 8, 256, 32)
+# per token). Scoped to the generation program: training compiles with the defaults.
+_CPU_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
 def mesh_of(params: Any) -> Mesh:
     """The mesh the parameters live on (generation runs where they are, sharded as they are)."""
     sharding = jax.tree.leaves(params)[0].sharding
@@ -269,6 +285,7 @@ class Generator:
     def __post_init__(self) -> None:
         self._programs: dict[Any, Any] = {}
         self._dims: tuple[int, int] | None = None  # (n_positions, vocab_size), read at the first call
+        self._split: tuple[list[weakref.ref], tuple[Any, ...]] | None = None  # (of which weights, layers)
 
     def __call__(
         self, params: Any, rows: Rows, *, sampling: Sampling, seed: int, stop_ids: Sequence[int], pad_id: int
@@ -308,15 +325,37 @@ class Generator:
         }
         cap = bucket(sampling.top_k, 8) if 0 < sampling.top_k < vocab else 0
         cap = cap if cap < vocab else 0  # top-k over (nearly) everything: the full-vocabulary path
-        program, mesh = self._program(params, r, s, width, sampling.no_repeat_ngram_size, cap)
-        out, pos = program(params, *_place(r, s, mesh))
+        layers = self._layers(params)
+        program, mesh = self._program(params, layers, r, s, width, sampling.no_repeat_ngram_size, cap)
+        out, pos = program(params, layers, *_place(r, s, mesh))
         out, pos = np.asarray(out), int(pos)
         return [out[i, width : min(int(end[i]), pos)] for i in range(n_rows)]
 
-    def _program(self, params: Any, r: dict, s: dict, width: int, ngram: int, cap: int) -> tuple[Any, Mesh]:
+    def _layers(self, params: Any) -> tuple[Any, ...] | None:
+        """The blocks' weights one array per layer where the platform needs it (`decode_layers_apart`),
+        made once per set of weights: the price is a second copy of the block weights (GPT-2 124M:
+        340 MB), kept while those weights are alive, so that repeated calls pay no copy; it goes
+        when they do (a training run's state moving on, a model dropped) or when new ones come."""
+        leaves = jax.tree.leaves(params["h"])
+        if not decode_layers_apart(next(iter(leaves[0].devices())).platform):
+            return None
+        if self._split is None or any(ref() is not x for ref, x in zip(self._split[0], leaves, strict=True)):
+            self._split = None  # the old copy goes before the new one is made
+            layers = _split_layers(params["h"])
+            self._split = ([weakref.ref(x) for x in leaves], layers)
+            weakref.finalize(leaves[0], self._forget, id(layers))
+        return self._split[1]
+
+    def _forget(self, which: int) -> None:
+        if self._split is not None and id(self._split[1]) == which:
+            self._split = None
+
+    def _program(
+        self, params: Any, layers: Any, r: dict, s: dict, width: int, ngram: int, cap: int
+    ) -> tuple[Any, Mesh]:
         mesh = mesh_of(params)
-        shardings = jax.tree.map(lambda x: x.sharding, params)
-        key = (r["buf"].shape, width, ngram, cap, self.window_shift, jax.tree.structure(params),
+        shardings = jax.tree.map(lambda x: x.sharding, (params, layers))
+        key = (r["buf"].shape, width, ngram, cap, self.window_shift, jax.tree.structure((params, layers)),
                tuple(jax.tree.leaves(shardings)))  # fmt: skip
         if key not in self._programs:
             fn = functools.partial(
@@ -325,12 +364,13 @@ class Generator:
             replicated = NamedSharding(mesh, PartitionSpec())
             jitted = jax.jit(
                 fn,
-                in_shardings=(shardings, *_shardings(r, s, mesh)),
+                in_shardings=(*shardings, *_shardings(r, s, mesh)),
                 out_shardings=(replicated, replicated),  # every process can read the tokens
             )
             t0 = time.perf_counter()
             with jax.set_mesh(mesh):  # traced under the mesh: the model's constraints apply
-                self._programs[key] = jitted.lower(params, *_place(r, s, mesh)).compile()
+                lowered = jitted.lower(params, layers, *_place(r, s, mesh))
+                self._programs[key] = lowered.compile(_CPU_OPTIONS)
             self.compile_seconds += time.perf_counter() - t0
             self.compilations += 1
         return self._programs[key], mesh

