@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 from gpt2_flax.data.cache import encode_sources, read_cache, save_cache_folder
 from gpt2_flax.data.encoding import EncodingOptions, choose_options
 from gpt2_flax.data.packing import DocumentRows
+from gpt2_flax.data.remote import local_folder
 from gpt2_flax.data.rows import MixedRows, PackedRows, Rows
 from gpt2_flax.data.sources import PathLike
 from gpt2_flax.errors import DataError
@@ -237,6 +238,7 @@ class TokenDataset(_Dataset):
     ) -> TokenDataset:
         """Load a folder written by save_cache (or a cache folder); the tokenizer defaults to the one
         saved with it, and any tokenizer given must be the one the tokens were encoded with."""
+        local_folder(path, "The token cache")  # memory-mapped: a local (or mounted) disk only
         entry = Path(path).expanduser()
         meta = read_cache(entry)
         if meta is None:
