@@ -38,7 +38,7 @@ def run_case(
     vocab, merges = str(tok_dir / "case-vocab.json"), str(tok_dir / "case-merges.txt")
     data = TokenDataset(corpus, vocab_file=vocab, merges_file=merges, block_size=16, cache_dir=cache)
     if report:
-        _report(data, workdir / f"report-{tag}-{jax.process_index()}.json")
+        _report(data, workdir, f"{tag}-{jax.process_index()}", {"vocab_file": vocab, "merges_file": merges})
     config = build_gpt2_config(vocab_size=data.vocab_size, max_length=16, n_embd=32, n_layer=2, n_head=4)
     ai = GPT2(vocab_file=vocab, merges_file=merges, config=config, seed=0)
     history = ai.train(
@@ -56,21 +56,34 @@ def run_case(
     return [h["loss"] for h in history], to_hf_state_dict(ai.model)
 
 
-def _report(data: Any, path: Path) -> None:
-    """The tokenizer's fingerprint, the cache's content digest and the global batches of a few steps."""
+def _report(data: Any, workdir: Path, name: str, tok: dict[str, str]) -> None:
+    """What this process trains on (tokenizer fingerprint, cache content digest, global batches of a
+    few steps), and two more caches: one in a folder of this process's own (both processes encode
+    and agree), and one of a data copy that differs on process 1 (an error on every process)."""
+    from gpt2_flax import TokenDataset
     from gpt2_flax.data.cache import cache_digest
+    from gpt2_flax.errors import GPT2FlaxError
     from gpt2_flax.tokenizer import tokenizer_fingerprint
 
     batches = hashlib.sha256()
     for step in (0, 3, STEPS - 1):
         for value in data.get_batch(step, 16, seed=42).values():  # (16, 16): the global batch
             batches.update(np.ascontiguousarray(value).tobytes())
-    summary = {
+    own = TokenDataset(data.files, block_size=16, cache_dir=workdir / f"cache-own-{name}", **tok)
+    copy = workdir / f"corpus-{name}.txt"
+    copy.write_text(data.files[0].read_text() + ("" if name.endswith("-0") else "one more line\n"))
+    try:
+        TokenDataset(copy, block_size=16, cache_dir=workdir / f"cache-copy-{name}", **tok)
+        mismatch = ""
+    except GPT2FlaxError as e:
+        mismatch = f"{type(e).__name__}: {e}"
+    same = {
         "tokenizer": tokenizer_fingerprint(data.tokenizer),
         "cache": cache_digest(data.cache_entry, data.meta),
+        "own_cache": cache_digest(own.cache_entry, own.meta),
         "batches": batches.hexdigest(),
     }
-    path.write_text(json.dumps(summary))
+    (workdir / f"report-{name}.json").write_text(json.dumps({"same": same, "mismatch": mismatch}))
 
 
 def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
