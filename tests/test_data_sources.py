@@ -7,6 +7,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -352,6 +353,15 @@ def test_remote_files_are_read_in_place_like_local_ones(tok: Tokenizer, tmp_path
     monkeypatch.setattr(token_cache, "CHUNK_CHARS", 512)  # a.txt (~4 KB) in several work items
     kw = {"tokenizer": tok, "block_size": 8, "cache_dir": tmp_path / "c"}
     want = TokenDataset(data, **kw)
+    import datasets
+
+    real_download = datasets.DownloadManager.download
+
+    def no_remote_download(manager: Any, files: Any) -> Any:
+        assert "://" not in str(files), f"{files} fetched whole"  # remote CSV / JSONL are streamed
+        return real_download(manager, files)
+
+    monkeypatch.setattr(datasets.DownloadManager, "download", no_remote_download)
     reads: list[tuple[str, int, int]] = []
     real_read = sources.read_bytes
     monkeypatch.setattr(sources, "read_bytes", lambda p, s, e: reads.append((p, s, e)) or real_read(p, s, e))
@@ -401,6 +411,10 @@ def test_bad_remote_inputs_name_the_problem_and_the_fix(tok: Tokenizer, tmp_path
     with pytest.raises(ValueError, match="is a URL, but a token cache is memory-mapped"):
         TokenDataset.from_cache("memory://bkt/saved")
     assert not (tmp_path / "c").exists()
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "header_only.csv").write_text("text\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="header_only.csv holds no text"):  # (checked while encoding)
+        TokenDataset(_to_memory_fs(tmp_path / "rows") + "/header_only.csv", **kw)
     # The CLI: exit 2, the message, and no run folder.
     argv = ["train", "--config", str(Path(__file__).parent.parent / "configs/tiny.yaml"), "--no-progress"]
     argv += ["--data", "memory://no-bucket/a.txt", "--output-dir", str(tmp_path / "run")]

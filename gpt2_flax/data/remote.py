@@ -6,8 +6,9 @@ CSV header, records) and `read_bytes` reads one work item's byte range (~1 MB; a
 into such ranges by encoding.py), so every host of a pod slice reads the bucket directly and no
 host copies a whole file first. Local paths keep Python's own `open` (no fsspec in the way).
 
-CSV / JSONL / Parquet URLs go to `datasets.load_dataset` as URLs; datasets fetches them into the
-encoding's temporary folder (where it turns local ones into Arrow too) and removes them with it.
+CSV / JSONL / Parquet URLs go to `datasets.load_dataset(..., streaming=True)`: the same parser reads
+them in place, and only their text column lands in Arrow files in the encoding's temporary folder,
+as it does for local ones (sources.load_rows).
 The token cache itself is memory-mapped, so it stays on a local (or mounted) disk: `local_folder`
 refuses a URL there with the rule.
 """

@@ -455,7 +455,8 @@ def _copy_without(src: Source, lines: set[int], dest: Path) -> None:
 def load_rows(
     kind: str, group: list[Source], column: str, header: bool, encoding_errors: str, cache: Path
 ) -> Any:
-    """A `datasets.Dataset` of the group's rows holding only the text column (Arrow files under cache)."""
+    """A `datasets.Dataset` of the group's rows holding only the text column (Arrow files under cache).
+    URLs are streamed through the same `datasets` parser, so no raw file is copied whole."""
     import datasets
 
     if kind in ("texts", "dataset"):
@@ -473,12 +474,31 @@ def load_rows(
     elif kind == "parquet":
         kw = {"columns": [column]}
     files = [str(s.path) for s in group]
+    remote = any(is_url(f) for f in files)  # read in place (below), not fetched whole first
     try:
-        ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=str(cache), **kw)
+        ds = datasets.load_dataset(
+            kind, data_files=files, split="train", cache_dir=str(cache), streaming=remote, **kw
+        )
+        if column not in ds.column_names:
+            raise DataError(f"{group[0].name} has no column {column!r} (its columns: {ds.column_names}).")
+        ds = ds.select_columns([column])
+        if remote:  # the same parser streams the URLs (fsspec); only the text column lands in Arrow
+            features = None if ds.features is None else datasets.Features({column: ds.features[column]})
+            # Plain gen_kwargs: datasets hashes them (dill), ~0.7 s for the stream object itself.
+            spec = {"kind": kind, "files": files, "column": column, "kw": kw}
+            ds = datasets.Dataset.from_generator(
+                _streamed_rows, gen_kwargs=spec, features=features, cache_dir=str(cache)
+            )
     except ValueError as e:
         if "corresponds to no data" in str(e):  # datasets' message for zero rows
             raise DataError(f"{group[0].name} holds no text (no rows): add rows or remove it.") from e
         raise
-    if column not in ds.column_names:
-        raise DataError(f"{group[0].name} has no column {column!r} (its columns: {ds.column_names}).")
-    return ds.select_columns([column])
+    return ds
+
+
+def _streamed_rows(kind: str, files: list[str], column: str, kw: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    import datasets
+
+    yield from datasets.load_dataset(
+        kind, data_files=files, split="train", streaming=True, **kw
+    ).select_columns([column])
