@@ -72,6 +72,9 @@ def train_tokenizer(
     so memory does not grow with the corpus (row sources are read from memory-mapped Arrow files in
     a temporary folder). Writes `<prefix>-vocab.json` and `<prefix>-merges.txt` (GPT-2's file pair,
     loadable by `transformers.GPT2TokenizerFast`) and `<prefix>.tokenizer.json` (the full JSON).
+
+    In a multi-process JAX run (jax.distributed), call it on every process: process 0 trains, the
+    others receive the files by broadcast into their own save_path (data/multihost.py).
     """
     # 256 byte symbols + the special tokens are always in the vocab; need room for >= 1 merge.
     min_vocab = 257 + len(special_tokens)

@@ -59,8 +59,9 @@ def run_case(
 def _report(data: Any, workdir: Path, name: str, tok: dict[str, str]) -> None:
     """What this process trains on (tokenizer fingerprint, cache content digest, global batches of a
     few steps), and two more caches: one in a folder of this process's own (both processes encode
-    and agree), and one of a data copy that differs on process 1 (an error on every process)."""
-    from gpt2_flax import TokenDataset
+    and agree), and one of a data copy that differs on process 1 (an error on every process); and
+    a tokenizer that process 0 cannot train (an error on every process)."""
+    from gpt2_flax import TokenDataset, train_tokenizer
     from gpt2_flax.data.cache import cache_digest
     from gpt2_flax.errors import GPT2FlaxError
     from gpt2_flax.tokenizer import tokenizer_fingerprint
@@ -83,7 +84,13 @@ def _report(data: Any, workdir: Path, name: str, tok: dict[str, str]) -> None:
         "own_cache": cache_digest(own.cache_entry, own.meta),
         "batches": batches.hexdigest(),
     }
-    (workdir / f"report-{name}.json").write_text(json.dumps({"same": same, "mismatch": mismatch}))
+    try:  # process 0 cannot train: every process hears of it
+        train_tokenizer(workdir / "missing.txt", vocab_size=300, save_path=workdir / f"tok-bad-{name}")
+        failed = ""
+    except Exception as e:  # FileNotFoundError on process 0, TrainingError on the others
+        failed = f"{type(e).__name__}: {e}"
+    report = {"same": same, "mismatch": mismatch, "tokenizer_failure": failed}
+    (workdir / f"report-{name}.json").write_text(json.dumps(report))
 
 
 def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:

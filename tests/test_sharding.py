@@ -125,6 +125,10 @@ def test_two_processes_match_one_device(workdir: Path, reference: tuple) -> None
     assert reports[0]["same"]["own_cache"] == reports[0]["same"]["cache"]
     assert reports[0]["mismatch"].startswith("TrainingError: process(es) [1] of this run holds other tokens")
     assert reports[1]["mismatch"].startswith("DataError: This process's token cache")
+    assert reports[0]["tokenizer_failure"].startswith("FileNotFoundError: Input file")
+    assert reports[1]["tokenizer_failure"].startswith(
+        "TrainingError: process(es) [0] of this run could not train"
+    )
     for name in ("case-vocab.json", "case-merges.txt", "case.tokenizer.json"):
         assert (workdir / "tok-multihost-p0" / name).read_bytes() == (
             workdir / "tok-multihost-p1" / name

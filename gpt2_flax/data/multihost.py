@@ -77,8 +77,14 @@ def one_tokenizer(train: Callable[[], dict[str, str]], folder: Path) -> None:
     files, error = _attempt(train) if _first() else ({}, None)
     _agree(error, "could not train the tokenizer")
     files = json.loads(_broadcast_text(json.dumps(files, ensure_ascii=False)))
-    if _first():
-        return
+    written, error = (0, None) if _first() else _attempt(lambda: _write_missing(folder, files))
+    _agree(error, "could not write the tokenizer files")
+    if not _first():
+        logger.info("Received the tokenizer from process 0 (%d file(s) written to %s)", written, folder)
+
+
+def _write_missing(folder: Path, files: dict[str, str]) -> int:
+    """Write each file that `folder` does not already hold byte for byte; returns how many."""
     folder.mkdir(parents=True, exist_ok=True)
     written = 0
     for name, text in files.items():
@@ -89,7 +95,7 @@ def one_tokenizer(train: Callable[[], dict[str, str]], folder: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
         written += 1
-    logger.info("Received the tokenizer from process 0 (%d file(s) written to %s)", written, folder)
+    return written
 
 
 def _sees_process0(folder: Path) -> bool:
