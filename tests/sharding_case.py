@@ -58,9 +58,10 @@ def run_case(
 
 def _report(data: Any, workdir: Path, name: str, tok: dict[str, str]) -> None:
     """What this process trains on (tokenizer fingerprint, cache content digest, global batches of a
-    few steps), and two more caches: one in a folder of this process's own (both processes encode
-    and agree), and one of a data copy that differs on process 1 (an error on every process); and
-    a tokenizer that process 0 cannot train (an error on every process)."""
+    few steps), and more caches: one in a folder of this process's own (both processes encode and
+    agree), a saved copy of it loaded with from_cache (they agree), and one of a data copy that
+    differs on process 1 (an error on every process); and a tokenizer that process 0 cannot train
+    (an error on every process)."""
     from gpt2_flax import TokenDataset, train_tokenizer
     from gpt2_flax.data.cache import cache_digest
     from gpt2_flax.errors import GPT2FlaxError
@@ -71,6 +72,7 @@ def _report(data: Any, workdir: Path, name: str, tok: dict[str, str]) -> None:
         for value in data.get_batch(step, 16, seed=42).values():  # (16, 16): the global batch
             batches.update(np.ascontiguousarray(value).tobytes())
     own = TokenDataset(data.files, block_size=16, cache_dir=workdir / f"cache-own-{name}", **tok)
+    saved = TokenDataset.from_cache(own.save_cache(workdir / f"saved-{name}"), block_size=16)  # a copy each
     copy = workdir / f"corpus-{name}.txt"
     copy.write_text(data.files[0].read_text() + ("" if name.endswith("-0") else "one more line\n"))
     try:
@@ -82,6 +84,7 @@ def _report(data: Any, workdir: Path, name: str, tok: dict[str, str]) -> None:
         "tokenizer": tokenizer_fingerprint(data.tokenizer),
         "cache": cache_digest(data.cache_entry, data.meta),
         "own_cache": cache_digest(own.cache_entry, own.meta),
+        "saved_cache": cache_digest(saved.cache_entry, saved.meta),
         "batches": batches.hexdigest(),
     }
     try:  # process 0 cannot train: every process hears of it

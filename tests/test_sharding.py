@@ -122,7 +122,7 @@ def test_two_processes_match_one_device(workdir: Path, reference: tuple) -> None
     assert [o.count("Encoded ") for o in outs] == [3, 2] and outs[1].count("Reusing token cache") == 1
     reports = [json.loads((workdir / f"report-multihost-{i}.json").read_text()) for i in range(2)]
     assert reports[0]["same"] == reports[1]["same"], reports
-    assert reports[0]["same"]["own_cache"] == reports[0]["same"]["cache"]
+    assert reports[0]["same"]["own_cache"] == reports[0]["same"]["cache"] == reports[0]["same"]["saved_cache"]
     assert reports[0]["mismatch"].startswith("TrainingError: process(es) [1] of this run holds other tokens")
     assert reports[1]["mismatch"].startswith("DataError: This process's token cache")
     assert reports[0]["tokenizer_failure"].startswith("FileNotFoundError: Input file")

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from gpt2_flax.data.cache import encode_sources, read_cache, save_cache_folder
+from gpt2_flax.data import multihost
+from gpt2_flax.data.cache import cache_digest, encode_sources, read_cache, save_cache_folder
 from gpt2_flax.data.encoding import EncodingOptions, choose_options
 from gpt2_flax.data.packing import DocumentRows
 from gpt2_flax.data.remote import local_folder
@@ -256,6 +257,8 @@ class TokenDataset(_Dataset):
                 f"Token cache {entry} was encoded with another tokenizer (fingerprint "
                 f"{meta['tokenizer'][:12]}, given {fp[:12]}): {fix} the text with this tokenizer."
             )
+        if multihost.active():  # every host's copy of a saved cache must hold the same tokens
+            multihost.same_everywhere(entry, cache_digest(entry, meta))
         ds = cls.__new__(cls)
         ds.files, ds.encoding = [], EncodingOptions(**meta["options"])
         ds._open(entry, meta, tokenizer, block_size, long_documents, validation_split, f"Token cache {entry}")

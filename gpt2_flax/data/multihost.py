@@ -130,14 +130,18 @@ def one_cache(
     if shared:  # process 0's cache is complete: reused (or encoded here if this host's files differ)
         result, error = _attempt(build)
     _agree(error, "could not read the token cache")
-    mine = digest(*result)
-    first = _agree(None, "", mine)
+    same_everywhere(result[0], digest(*result))
+    return result
+
+
+def same_everywhere(entry: Path, digest: str) -> None:
+    """Raise on every process unless each one's cache `entry` has process 0's `digest`."""
+    first = _agree(None, "", digest)
     differs = None
-    if mine != first:
+    if digest != first:
         differs = DataError(
-            f"This process's token cache {result[0]} holds other tokens (or another tokenizer) than "
+            f"This process's token cache {entry} holds other tokens (or another tokenizer) than "
             "process 0's: every host must read the same data files (same bytes, same order) with the "
             "same tokenizer. Fix: give every host the same copy, or one shared URL (gs://...)."
         )
     _agree(differs, "holds other tokens than process 0")
-    return result
