@@ -13,7 +13,6 @@ truncated file where a good one stood.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from flax.nnx import traversals
 from transformers import GPT2Config
 
 from gpt2_flax import model_card
+from gpt2_flax.data.remote import file_sha256
 from gpt2_flax.errors import DataError, ExportError, spell
 from gpt2_flax.model import GPT2LMHeadModel
 from gpt2_flax.run_dir import MANIFEST
@@ -242,14 +242,6 @@ EXPORT_FILES = (
 )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_manifest(folder: Any) -> dict[str, Any] | None:
     """The record an export leaves: which model lineage wrote it and the sha256 of every file."""
     path = epath.Path(folder) / MANIFEST
@@ -278,7 +270,7 @@ def check_export_target(out_dir: Any, lineage: str, config: GPT2Config | None = 
         why = "it was exported from another run or model"
     else:
         files = manifest.get("files", {})
-        changed = [n for n in present if n not in files or _sha256(Path(folder / n)) != files[n]]
+        changed = [n for n in present if n not in files or file_sha256(Path(folder / n)) != files[n]]
         if not changed:
             return
         why = f"{', '.join(changed)} changed since gpt2_flax wrote them"
@@ -349,7 +341,7 @@ def export_pretrained(
         for f in files:
             f.chmod(0o644)  # ordinary permissions (mkstemp-style 0600 otherwise, e.g. safetensors)
         names = {f: f.relative_to(tmp).as_posix() for f in files}  # "adapter/..." for PEFT's files
-        manifest = {"lineage": lineage, "files": {names[f]: _sha256(f) for f in files}}
+        manifest = {"lineage": lineage, "files": {names[f]: file_sha256(f) for f in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         (tmp / MANIFEST).chmod(0o644)
         names[tmp / MANIFEST] = MANIFEST

@@ -199,11 +199,11 @@ def maybe_initialize(
         jax.distributed.initialize()
 
 
-def agree(error: BaseException | None, token: str) -> str:
+def agree(error: BaseException | None, token: str, what: str = "could not start") -> str:
     """Makes every process of a multi-process run take the same way: each raises if any one of
     them failed (a process left alone would wait in the first collective until the distributed
     service times out, minutes later), and all get process 0's `token` (the run id). Also a
-    barrier. Single-process: raises `error` or returns `token`."""
+    barrier. `what` says what failed there. Single-process: raises `error` or returns `token`."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -212,7 +212,7 @@ def agree(error: BaseException | None, token: str) -> str:
         token = bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))).decode().rstrip()
         if error is None and failed.any():
             bad = [int(i) for i in np.flatnonzero(failed)]
-            raise TrainingError(f"process(es) {bad} of this run could not start; their log says why")
+            raise TrainingError(f"process(es) {bad} of this run {what}; their log says why")
     if error is not None:
         raise error
     return token

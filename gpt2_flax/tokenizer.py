@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from gpt2_flax.data import multihost
 from gpt2_flax.data.encoding import (
     EncodingOptions,
     choose_options,
@@ -33,6 +36,7 @@ if TYPE_CHECKING:  # importing transformers costs ~1-2 s, so only the functions 
     from transformers import PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
+logger = logging.getLogger(__name__)
 
 
 # Text per trainer input when reading text files: the Rust trainer buffers 256 inputs, so ~16 MB in flight.
@@ -68,6 +72,9 @@ def train_tokenizer(
     so memory does not grow with the corpus (row sources are read from memory-mapped Arrow files in
     a temporary folder). Writes `<prefix>-vocab.json` and `<prefix>-merges.txt` (GPT-2's file pair,
     loadable by `transformers.GPT2TokenizerFast`) and `<prefix>.tokenizer.json` (the full JSON).
+
+    In a multi-process JAX run (jax.distributed), call it on every process: process 0 trains, the
+    others receive the files by broadcast into their own save_path (data/multihost.py).
     """
     # 256 byte symbols + the special tokens are always in the vocab; need room for >= 1 merge.
     min_vocab = 257 + len(special_tokens)
@@ -84,6 +91,32 @@ def train_tokenizer(
         skip_bad_records=skip_bad_records,
     )
     options = choose_options(encoding, given)
+    out = Path(save_path).expanduser()
+    trainer = {
+        "vocab_size": vocab_size,
+        "min_frequency": min_frequency,
+        "special_tokens": list(special_tokens),
+    }
+    train = lambda: _train(files, texts, options, trainer, show_progress, out, prefix)
+    if multihost.active():  # process 0 trains, the others receive its files (multihost.py)
+        multihost.one_tokenizer(train, out)
+    else:
+        train()
+    return str(out / f"{prefix}-vocab.json"), str(out / f"{prefix}-merges.txt")
+
+
+def _train(
+    files: Any,
+    texts: str | Sequence[str] | None,
+    options: EncodingOptions,
+    trainer: dict[str, Any],
+    show_progress: bool,
+    out: Path,
+    prefix: str,
+) -> dict[str, str]:
+    """train_tokenizer's work: read the sources, train, write the three files; returns them as
+    {file name: text} (what the other processes of a multi-process run receive)."""
+    start = time.perf_counter()
     sources = resolve_sources(files, texts)
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
     counts = {"replaced": 0}
@@ -98,19 +131,16 @@ def train_tokenizer(
         # ByteLevelBPETokenizer passes initial_alphabet=ByteLevel.alphabet() (all 256 bytes), so any
         # byte encodes even if absent from the corpus; special tokens are added first, so EOS gets id 0.
         bpe.train_from_iterator(
-            iter_texts(parts, options),
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=list(special_tokens),
-            show_progress=show_progress,
-            length=length,
+            iter_texts(parts, options), show_progress=show_progress, length=length, **trainer
         )
-    warn_replaced(counts["replaced"], stacklevel=2)
-    out = Path(save_path).expanduser()
+    warn_replaced(counts["replaced"], stacklevel=4)  # (_train, the lambda, train_tokenizer, its caller)
     out.mkdir(parents=True, exist_ok=True)
-    vocab_path, merges_path = bpe.save_model(str(out), prefix)
+    names = [Path(p).name for p in bpe.save_model(str(out), prefix)]
     bpe.save(str(out / f"{prefix}.tokenizer.json"))
-    return str(vocab_path), str(merges_path)
+    names.append(f"{prefix}.tokenizer.json")
+    seconds = time.perf_counter() - start
+    logger.info("Trained a %d-token tokenizer in %.1f s into %s", bpe.get_vocab_size(), seconds, out)
+    return {name: (out / name).read_text(encoding="utf-8") for name in names}
 
 
 def _special_tokens_from_vocab(vocab: dict[str, int]) -> list[str]:

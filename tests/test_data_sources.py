@@ -7,6 +7,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -318,3 +319,105 @@ def test_hub_spec_selects_config_and_split(tok: Tokenizer, tmp_path: Path, monke
         with pytest.raises(ValueError, match=r"is not a Hub dataset spec: write hub:NAME, hub:NAME:CONFIG"):
             TokenDataset(["hub:cats", bad], **kw)  # every spec checked before the first download
     assert calls == []
+
+
+def _to_memory_fs(folder: Path) -> str:
+    """Copy a folder's files into fsspec's in-memory file system (a stand-in for a gs:// bucket)."""
+    import uuid
+
+    import fsspec
+
+    root = f"/bucket-{uuid.uuid4().hex[:8]}/data"
+    fs = fsspec.filesystem("memory")
+    for path in sorted(folder.iterdir()):
+        fs.pipe(f"{root}/{path.name}", path.read_bytes())
+    return f"memory:/{root}"
+
+
+def test_remote_files_are_read_in_place_like_local_ones(tok: Tokenizer, tmp_path: Path, monkeypatch) -> None:
+    """gs:// and any fsspec URL take the local files' code path (sources.py / remote.py): memory:// and
+    file:// stand in for a bucket. Same tokens and batches as the local folder; text files are read
+    by byte ranges (one ranged read per work item, never the whole file); the tokenizer trained from
+    the URL is the local one; a remote file's new version re-encodes."""
+    import gpt2_flax.data.sources as sources
+    from gpt2_flax.tokenizer import train_tokenizer
+
+    rng = random.Random(5)
+    data = tmp_path / "data"
+    data.mkdir()
+    text = "".join(rng.choice(LINES) + rng.choice(["\n", "\r\n", "\n\n"]) for _ in range(200))
+    (data / "a.txt").write_text(text, encoding="utf-8")
+    (data / "b.csv").write_text("id,text\n" + "".join(f'{i},"{ln}"\n' for i, ln in enumerate(LINES)))
+    (data / "c.jsonl").write_text("".join(json.dumps({"text": ln, "n": 1}) + "\n" for ln in LINES))
+    url = _to_memory_fs(data)
+    monkeypatch.setattr(token_cache, "CHUNK_CHARS", 512)  # a.txt (~4 KB) in several work items
+    kw = {"tokenizer": tok, "block_size": 8, "cache_dir": tmp_path / "c"}
+    want = TokenDataset(data, **kw)
+    import datasets
+
+    real_download = datasets.DownloadManager.download
+
+    def no_remote_download(manager: Any, files: Any) -> Any:
+        assert "://" not in str(files), f"{files} fetched whole"  # remote CSV / JSONL are streamed
+        return real_download(manager, files)
+
+    monkeypatch.setattr(datasets.DownloadManager, "download", no_remote_download)
+    reads: list[tuple[str, int, int]] = []
+    real_read = sources.read_bytes
+    monkeypatch.setattr(sources, "read_bytes", lambda p, s, e: reads.append((p, s, e)) or real_read(p, s, e))
+    for remote in (url, f"{url}/*", [f"file://{data / name}" for name in ("a.txt", "b.csv", "c.jsonl")]):
+        got = TokenDataset(remote, **kw)
+        assert got.tokens.tolist() == want.tokens.tolist(), remote
+        assert str(got.files[0]).endswith("/data/a.txt") and "://" in str(got.files[0])
+        for key, value in want.get_batch(3, 4, seed=1).items():
+            np.testing.assert_array_equal(got.get_batch(3, 4, seed=1)[key], value)
+    ranges = [(s, e) for p, s, e in reads if p == f"{url}/a.txt"]
+    size = len(text.encode("utf-8"))
+    assert len(ranges) > 3 and all(e - s < size for s, e in ranges)  # ranged reads, not the file
+    assert sorted(ranges)[0][0] == 0 and sorted(ranges)[-1][1] == size
+    calls = count_encodes(monkeypatch)
+    TokenDataset(url, **kw)
+    assert calls == []  # the URL's version is unchanged: the cache is reused
+    import fsspec
+
+    fsspec.filesystem("memory").pipe(url[len("memory:/") :] + "/a.txt", b"a new version of it\n")
+    assert TokenDataset(f"{url}/a.txt", **kw).tokens.tolist() == concat_layout(tok, ["a new version of it\n"])
+    local = train_tokenizer(data / "c.jsonl", vocab_size=300, save_path=tmp_path / "t1")
+    remote_tok = train_tokenizer(f"{url}/c.jsonl", vocab_size=300, save_path=tmp_path / "t2")
+    for mine, theirs in zip(local, remote_tok, strict=True):  # vocab.json, merges.txt
+        assert Path(mine).read_text(encoding="utf-8") == Path(theirs).read_text(encoding="utf-8")
+
+
+def test_bad_remote_inputs_name_the_problem_and_the_fix(tok: Tokenizer, tmp_path: Path, capsys) -> None:
+    import importlib.util
+
+    from gpt2_flax import cli
+
+    kw = {"tokenizer": tok, "block_size": 4, "cache_dir": tmp_path / "c"}
+    if importlib.util.find_spec("gcsfs") is None:  # (installed with the [tpu] extra)
+        with pytest.raises(ValueError, match=r"Cannot read gs://bkt/a.txt: .*gcsfs.*pip install gcsfs"):
+            TokenDataset("gs://bkt/a.txt", **kw)
+    with pytest.raises(ValueError, match="Cannot read nosuch://bkt/a.txt: Protocol not known"):
+        TokenDataset("nosuch://bkt/a.txt", **kw)
+    with pytest.raises(FileNotFoundError, match="Input file memory://no-bucket/a.txt does not exist"):
+        TokenDataset("memory://no-bucket/a.txt", **kw)
+    with pytest.raises(FileNotFoundError, match="Glob 'memory://no-bucket/\\*.txt' matched no files"):
+        TokenDataset("memory://no-bucket/*.txt", **kw)
+    (tmp_path / "ok.txt").write_text("fine text here, fine text", encoding="utf-8")
+    with pytest.raises(
+        ValueError, match="is a URL, but a token cache is memory-mapped.*keep the cache local"
+    ):
+        TokenDataset(tmp_path / "ok.txt", **{**kw, "cache_dir": "memory://bkt/cache"})
+    with pytest.raises(ValueError, match="is a URL, but a token cache is memory-mapped"):
+        TokenDataset.from_cache("memory://bkt/saved")
+    assert not (tmp_path / "c").exists()
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "header_only.csv").write_text("text\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="header_only.csv holds no text"):  # (checked while encoding)
+        TokenDataset(_to_memory_fs(tmp_path / "rows") + "/header_only.csv", **kw)
+    # The CLI: exit 2, the message, and no run folder.
+    argv = ["train", "--config", str(Path(__file__).parent.parent / "configs/tiny.yaml"), "--no-progress"]
+    argv += ["--data", "memory://no-bucket/a.txt", "--output-dir", str(tmp_path / "run")]
+    assert cli.main(argv) == 2
+    assert "memory://no-bucket/a.txt does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -113,6 +113,26 @@ def test_two_processes_match_one_device(workdir: Path, reference: tuple) -> None
     losses = json.loads((workdir / "multihost_losses.json").read_text())
     assert max_rel_diff(np.array(losses), np.array(ref_losses)) < TOL, (losses, ref_losses)
     assert_params_close(dict(np.load(workdir / "multihost_params.npz")), ref_params)
+    # One tokenizer and one token cache for the slice: process 0 trained the tokenizer and encoded,
+    # process 1 received the tokenizer files (its own folder: no shared disk) and reused the cache
+    # (a shared folder); both trained on the same tokenizer, tokens and batches. In folders of their
+    # own both encode (and agree); a data copy that differs on one host is an error on both.
+    assert [o.count("Trained a ") for o in outs] == [1, 0], outs
+    assert [o.count("Received the tokenizer from process 0") for o in outs] == [0, 1]
+    assert [o.count("Encoded ") for o in outs] == [3, 2] and outs[1].count("Reusing token cache") == 1
+    reports = [json.loads((workdir / f"report-multihost-{i}.json").read_text()) for i in range(2)]
+    assert reports[0]["same"] == reports[1]["same"], reports
+    assert reports[0]["same"]["own_cache"] == reports[0]["same"]["cache"] == reports[0]["same"]["saved_cache"]
+    assert reports[0]["mismatch"].startswith("TrainingError: process(es) [1] of this run holds other tokens")
+    assert reports[1]["mismatch"].startswith("DataError: This process's token cache")
+    assert reports[0]["tokenizer_failure"].startswith("FileNotFoundError: Input file")
+    assert reports[1]["tokenizer_failure"].startswith(
+        "TrainingError: process(es) [0] of this run could not train"
+    )
+    for name in ("case-vocab.json", "case-merges.txt", "case.tokenizer.json"):
+        assert (workdir / "tok-multihost-p0" / name).read_bytes() == (
+            workdir / "tok-multihost-p1" / name
+        ).read_bytes()
     # Only process 0 writes the export and the metrics; every process took part in checkpointing.
     run = workdir / "run-multihost"
     assert (run / "model.safetensors").is_file() and (run / "checkpoints" / "10").is_dir()

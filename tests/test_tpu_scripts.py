@@ -77,7 +77,7 @@ DEVICE_CHECK = (
     '"import jax; print(jax.device_count(), jax.local_device_count(), jax.process_index())")'
 )
 LAUNCH = (
-    "set -e; mkdir -p gpt2_flax_logs; {data}{replace}"
+    "set -e; mkdir -p gpt2_flax_logs; {replace}"
     'if [ -f gpt2_flax_logs/train.pid ] && kill -0 "$(cat gpt2_flax_logs/train.pid)" 2>/dev/null; then '
     'echo "gpt2_flax: training is already running on this worker (launch.py --replace stops it)" >&2; '
     "exit 1; fi; "
@@ -333,19 +333,19 @@ def test_setup_device_check_fails_on_a_wrong_count(gc, answer, message):
 
 
 def test_launch_on_all_workers_of_a_multi_host_slice(gc):
-    # gs:// data is copied to every worker first: the trainer reads local files.
+    # gs:// data goes to the trainer as it is: every worker reads it in place, nothing is copied.
     args = ["--type", "v4-32", "--config", gc.config, "--output", "gs://bkt/run"]
     args += ["--data-files", "gs://bkt/d/*.txt", "--", "--train.num_steps=100", "--train.learning_rate=3e-4"]
     result = gc.run("launch", *args)
     assert result.returncode == 0, result.stderr
-    data = 'mkdir -p gpt2_flax_data; gcloud storage cp --no-clobber "gs://bkt/d/*.txt" gpt2_flax_data/; '
     # Multi-host: --distributed starts jax.distributed from the TPU metadata.
-    train = "--distributed --data.files=gpt2_flax_data --train.output_dir=gs://bkt/run "
+    train = '--distributed "--data.files=gs://bkt/d/*.txt" --train.output_dir=gs://bkt/run '
     train += "--train.num_steps=100 --train.learning_rate=3e-4"
     assert gc.calls == [
         scp(str(gc.config), "gpt2_flax_config.yaml"),
-        ssh(LAUNCH.format(data=data, replace="", args=train)),
+        ssh(LAUNCH.format(replace="", args=train)),
     ]
+    assert not any("storage cp" in " ".join(call) for call in gc.calls)
 
 
 def test_launch_single_host_local_output_and_data_replacing_a_trainer(gc):
@@ -353,7 +353,7 @@ def test_launch_single_host_local_output_and_data_replacing_a_trainer(gc):
     result = gc.run("launch", *args)
     assert result.returncode == 0, result.stderr
     train = '"--data.files=data/*.txt" --train.output_dir=run1'
-    assert gc.calls[1] == ssh(LAUNCH.format(data="", replace=REPLACE, args=train))
+    assert gc.calls[1] == ssh(LAUNCH.format(replace=REPLACE, args=train))
     assert "lost if the VM is preempted" in result.stderr
 
 
@@ -413,7 +413,7 @@ RECREATE_VM = [
     ssh(INSTALL + f'"./{WHEEL}[tpu]"'),
     ssh(DEVICE_CHECK),
     scp("{config}", "gpt2_flax_config.yaml"),
-    ssh(LAUNCH.format(data="", replace="", args="--train.output_dir=gs://bkt/run")),
+    ssh(LAUNCH.format(replace="", args="--train.output_dir=gs://bkt/run")),
 ]
 
 
@@ -492,7 +492,7 @@ def test_babysit_relaunches_a_trainer_that_stopped(gc):
         ["storage", "ls", "--project=my-proj", "gs://bkt/run/checkpoints/"],
         scp(str(gc.config), "gpt2_flax_config.yaml"),
         # --replace semantics: a trainer left hanging on another worker is stopped first.
-        ssh(LAUNCH.format(data="", replace=REPLACE, args="--train.output_dir=gs://bkt/run")),
+        ssh(LAUNCH.format(replace=REPLACE, args="--train.output_dir=gs://bkt/run")),
     ]
     assert not any(call[3] in ("create", "delete") for call in gc.calls if call[0] == "compute")
     assert re.search(
@@ -574,7 +574,7 @@ def test_dry_run_runs_no_gcloud(gc, script):
     if script == "launch":
         assert shlex.split(lines[-1]) == [
             "/nonexistent/gcloud",
-            *ssh(LAUNCH.format(data="", replace="", args="--train.output_dir=gs://bkt/run")),
+            *ssh(LAUNCH.format(replace="", args="--train.output_dir=gs://bkt/run")),
         ]
 
 

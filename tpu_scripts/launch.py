@@ -24,8 +24,6 @@ from collections.abc import Sequence
 
 import common
 
-REMOTE_DATA = "gpt2_flax_data"  # where gs:// --data-files land on each worker
-
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -37,7 +35,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-files",
         help="training text for --data.files=: a path on the workers, or gs://BUCKET/data/*.txt "
-        "(copied to ~/gpt2_flax_data on every worker first)",
+        "(read in place by every worker: nothing is copied; needs gcsfs, in gpt2_flax[tpu])",
     )
     parser.add_argument(
         "overrides", nargs="*", help="extra trainer overrides after --, e.g. --train.learning_rate=3e-4"
@@ -63,9 +61,9 @@ def train_command(args: argparse.Namespace) -> list[str]:
         # jax.distributed.initialize() with no arguments: the TPU metadata names the peer hosts.
         cmd.append("--distributed")
     if args.data_files:
-        # The trainer reads local files only: gs:// data is copied next to it first (see launch()).
-        files = REMOTE_DATA if args.data_files.startswith("gs://") else args.data_files
-        cmd.append(f"--data.files={files}")
+        # gs:// data is read in place, by byte ranges, on every worker; the token cache each worker
+        # builds (or, with a shared cache folder, process 0 builds) stays on local disk.
+        cmd.append(f"--data.files={args.data_files}")
     return [*cmd, f"--train.output_dir={args.output}", *args.overrides]
 
 
@@ -76,12 +74,8 @@ def launch(tpu: common.Tpu, args: argparse.Namespace, replace: bool = False) -> 
         )
     tpu.scp(args.config, common.REMOTE_CONFIG)
     log_, pid = common.REMOTE_LOG, common.REMOTE_PID
-    # set -e: a failed step (e.g. the data copy) stops here, and gcloud reports the failure.
+    # set -e: a failed step stops here, and gcloud reports the failure.
     steps = ["set -e", f"mkdir -p {common.REMOTE_LOG_DIR}"]
-    if args.data_files and args.data_files.startswith("gs://"):
-        # --no-clobber: a relaunch on the same VM does not copy the data again.
-        src = common.quote(args.data_files)
-        steps += [f"mkdir -p {REMOTE_DATA}", f"gcloud storage cp --no-clobber {src} {REMOTE_DATA}/"]
     if replace:
         # Stop the old trainer (SIGTERM, up to 60 s to exit, then SIGKILL) so it frees the chips.
         steps.append(

@@ -3,10 +3,12 @@
 The modules, in the order text flows through them:
 
     sources.py   reading inputs: file globbing, text / CSV / JSONL / Parquet / datasets, text hygiene
+    remote.py    inputs by URL (gs://, any fsspec protocol): expanded, opened and read by byte ranges
     encoding.py  EncodingOptions (every encoding setting in one frozen object), the `datasets.map`
                  encoders that turn sources into token ids, and the same texts streamed for
                  train_tokenizer (iter_texts)
     cache.py     the token cache: one token file on disk (memory-mapped), keyed by what changes tokens
+    multihost.py one tokenizer and one token cache per slice in a multi-process (jax.distributed) run
     rows.py      training rows and batches, a pure function of (seed, step, process index); prefetch
     packing.py   line_by_line rows: whole documents best-fit into rows of block_size tokens
     dataset.py   TokenDataset and merge_datasets, the datasets users build

@@ -27,9 +27,11 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from gpt2_flax.data.cache import encode_sources, read_cache, save_cache_folder
+from gpt2_flax.data import multihost
+from gpt2_flax.data.cache import cache_digest, encode_sources, read_cache, save_cache_folder
 from gpt2_flax.data.encoding import EncodingOptions, choose_options
 from gpt2_flax.data.packing import DocumentRows
+from gpt2_flax.data.remote import local_folder
 from gpt2_flax.data.rows import MixedRows, PackedRows, Rows
 from gpt2_flax.data.sources import PathLike
 from gpt2_flax.errors import DataError
@@ -237,6 +239,7 @@ class TokenDataset(_Dataset):
     ) -> TokenDataset:
         """Load a folder written by save_cache (or a cache folder); the tokenizer defaults to the one
         saved with it, and any tokenizer given must be the one the tokens were encoded with."""
+        local_folder(path, "The token cache")  # memory-mapped: a local (or mounted) disk only
         entry = Path(path).expanduser()
         meta = read_cache(entry)
         if meta is None:
@@ -254,6 +257,8 @@ class TokenDataset(_Dataset):
                 f"Token cache {entry} was encoded with another tokenizer (fingerprint "
                 f"{meta['tokenizer'][:12]}, given {fp[:12]}): {fix} the text with this tokenizer."
             )
+        if multihost.active():  # every host's copy of a saved cache must hold the same tokens
+            multihost.same_everywhere(entry, cache_digest(entry, meta))
         ds = cls.__new__(cls)
         ds.files, ds.encoding = [], EncodingOptions(**meta["options"])
         ds._open(entry, meta, tokenizer, block_size, long_documents, validation_split, f"Token cache {entry}")

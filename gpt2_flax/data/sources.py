@@ -29,6 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt2_flax.data.remote import (
+    GLOB_CHARS,
+    Location,
+    file_info,
+    is_url,
+    open_file,
+    read_bytes,
+    resolve_url,
+    suffix,
+)
 from gpt2_flax.errors import DataError, spell
 
 PathLike = str | Path
@@ -39,7 +49,6 @@ FilesArg = PathLike | Sequence[PathLike]
 # gives pieces that encode exactly like the whole document (checked for every Unicode code point).
 _SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 _NEWLINE = re.compile(rb"\r\n|\r|\n")
-_GLOB_CHARS = set("*?[")
 _KINDS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet"}
 BINARY_PROBE = 8192  # a NUL byte in a file's first 8 KB means it is not UTF-8 text
 _replaced = threading.local()  # U+FFFD inserted by the "gpt2_flax.replace" codec error handler
@@ -87,8 +96,9 @@ def iter_pieces(read: Callable[[int], str], source: str, chunk_chars: int, piece
 # ----------------------------------------------------------------------------- resolving sources
 
 
-def resolve_files(file_or_files: FilesArg) -> list[Path]:
+def resolve_files(file_or_files: FilesArg) -> list[Location]:
     """Expand a path, a folder, a glob or a list of those into an ordered list of existing files.
+    A URL (gs://..., any fsspec protocol) stays a URL, expanded the same way (remote.py).
 
     A folder contributes its regular, non-hidden files (not recursive), sorted by name so the token
     order is the same on every machine. Globs are sorted for the same reason; list order is kept.
@@ -96,8 +106,11 @@ def resolve_files(file_or_files: FilesArg) -> list[Path]:
     items = [file_or_files] if isinstance(file_or_files, (str, Path)) else list(file_or_files)
     if not items:
         raise DataError("No input files given: pass a file path, a folder, a glob or a list of paths.")
-    files: list[Path] = []
+    files: list[Location] = []
     for item in items:
+        if is_url(item):
+            files.extend(resolve_url(str(item)))
+            continue
         path = Path(item).expanduser()
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -106,7 +119,7 @@ def resolve_files(file_or_files: FilesArg) -> list[Path]:
             files.extend(found)
         elif path.is_file():
             files.append(path)
-        elif _GLOB_CHARS & set(str(item)):
+        elif GLOB_CHARS & set(str(item)):
             found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
             if not found:
                 raise FileNotFoundError(f"Glob {str(item)!r} matched no files: check the pattern.")
@@ -120,19 +133,13 @@ def resolve_files(file_or_files: FilesArg) -> list[Path]:
 class Source:
     kind: str  # "text" | "csv" | "json" | "parquet" | "texts" | "dataset"
     name: str  # how messages name it: "Input file a.txt", "texts", "dataset <fingerprint>"
-    path: Path | None = None
+    path: Location | None = None  # a local file, or a URL read in place (remote.py)
     data: Any = None  # the list of strings, or the datasets.Dataset
 
     def identity(self) -> dict[str, Any]:
-        """What the encoded tokens depend on: path, size and mtime for files; content for the rest."""
-        if self.path is not None:
-            st = self.path.stat()
-            return {
-                "kind": self.kind,
-                "path": str(self.path.resolve()),
-                "size": st.st_size,
-                "mtime_ns": st.st_mtime_ns,
-            }
+        """What the tokens depend on: path, size and mtime (a URL: version) for files; else content."""
+        if self.path is not None:  # local: path, size, mtime_ns; a URL: url, size, version
+            return {"kind": self.kind, **file_info(self.path)}
         if self.kind == "texts":
             digest = hashlib.sha256()
             for text in self.data:  # length-prefixed so ["ab", "c"] and ["a", "bc"] differ
@@ -193,7 +200,7 @@ def resolve_sources(file_or_files: Any, texts: str | Sequence[str] | None) -> li
             sources.append(_hub_source(item))
         else:
             for path in resolve_files(item):
-                sources.append(Source(_KINDS.get(path.suffix.lower(), "text"), f"Input file {path}", path))
+                sources.append(Source(_KINDS.get(suffix(path), "text"), f"Input file {path}", path))
     texts = [texts] if isinstance(texts, str) else list(texts or [])  # a bare string is one document
     if texts:
         sources.append(Source("texts", "texts", data=texts))
@@ -208,10 +215,10 @@ def resolve_sources(file_or_files: Any, texts: str | Sequence[str] | None) -> li
 def check_file(src: Source) -> None:
     """Fail fast, before any encoding, on an empty or binary input file."""
     assert src.path is not None
-    if src.path.stat().st_size == 0:
+    if file_info(src.path)["size"] == 0:
         raise DataError(f"{src.name} is empty or contains only whitespace: remove it or add text to it.")
     if src.kind != "parquet":
-        with open(src.path, "rb") as f:
+        with open_file(src.path, "rb") as f:
             nul = f.read(BINARY_PROBE).find(b"\0")
         if nul >= 0:
             raise DataError(
@@ -255,7 +262,7 @@ def scan_text_file(src: Source, every: int, lines: bool, encoding_errors: str) -
     _replaced.count = 0
     cuts, has_text, search = [0], False, every  # search: file offset where the next break may start
     buf, base = b"", 0  # buf holds the file's bytes [base, base + len(buf))
-    with open(src.path, "rb") as f:
+    with open_file(src.path, "rb") as f:
         while True:
             chunk = f.read(min(max(every, 16), 1 << 20))
             text = _decode(decoder, chunk, base + len(buf), src)
@@ -283,9 +290,8 @@ def scan_text_file(src: Source, every: int, lines: bool, encoding_errors: str) -
 
 
 def read_range(path: str, start: int, end: int, encoding_errors: str) -> str:
-    with open(path, "rb") as f:
-        f.seek(start)
-        return normalize_newlines(f.read(end - start).decode("utf-8", _errors(encoding_errors)))
+    """One work item's text: bytes [start, end) of a file (a URL: one ranged read), LF line ends."""
+    return normalize_newlines(read_bytes(path, start, end).decode("utf-8", _errors(encoding_errors)))
 
 
 # ----------------------------------------------------------------------------- rows: CSV, JSONL, Parquet, ...
@@ -311,7 +317,7 @@ def row_column(src: Source, text_column: str | int | None, header: bool) -> str:
     fix = f"pass {spell('data.text_column', '<name>')} naming the column that holds the text."
     if src.kind == "csv":
         assert src.path is not None
-        with open(src.path, newline="", encoding="utf-8", errors="replace") as f:
+        with open_file(src.path, "r", newline="", encoding="utf-8", errors="replace") as f:
             first = next(csv.reader(f), [])
         if header:
             return _pick_column(
@@ -330,7 +336,7 @@ def row_column(src: Source, text_column: str | int | None, header: bool) -> str:
         )
     if src.kind == "json":
         assert src.path is not None
-        with open(src.path, encoding="utf-8", errors="replace") as f:
+        with open_file(src.path, "r", encoding="utf-8", errors="replace") as f:
             line = next((ln for ln in f if ln.strip()), "")
         try:
             record = json.loads(line)
@@ -343,7 +349,9 @@ def row_column(src: Source, text_column: str | int | None, header: bool) -> str:
     if src.kind == "parquet":
         import pyarrow.parquet as pq
 
-        return _pick_column(pq.read_schema(src.path).names, text_column, f"Parquet file {src.path}", fix)
+        with open_file(src.path, "rb") as f:
+            names = pq.read_schema(f).names
+        return _pick_column(names, text_column, f"Parquet file {src.path}", fix)
     names = ["text"] if src.kind == "texts" else list(src.data.column_names)
     return _pick_column(names, text_column, src.name, fix)
 
@@ -355,7 +363,7 @@ def _bad_records(src: Source, column: str, header: bool) -> Iterator[tuple[int, 
     empty text. JSON array files (.json starting with "[") are left to datasets."""
     assert src.path is not None
     if src.kind == "csv":
-        with open(src.path, newline="", encoding="utf-8", errors="replace") as f:
+        with open_file(src.path, "r", newline="", encoding="utf-8", errors="replace") as f:
             reader = csv.reader(f)
             first = next(reader, [])
             width = len(first)
@@ -365,7 +373,7 @@ def _bad_records(src: Source, column: str, header: bool) -> Iterator[tuple[int, 
             for row in reader:
                 yield from _csv_row_problems(row, width, index, reader.line_num)
         return
-    with open(src.path, encoding="utf-8", errors="replace") as f:
+    with open_file(src.path, "r", encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -416,7 +424,7 @@ def check_records(src: Source, column: str, header: bool, skip: bool, work: Path
         )
     lines = {first[0], *(n for n, _ in bad)}
     work.mkdir(parents=True, exist_ok=True)
-    clean = work / f"clean-{hashlib.sha256(str(src.path).encode()).hexdigest()[:12]}{src.path.suffix}"
+    clean = work / f"clean-{hashlib.sha256(str(src.path).encode()).hexdigest()[:12]}{suffix(src.path)}"
     _copy_without(src, lines, clean)
     first_bad = f"line {first[0]}: {first[1]}"
     print(f"gpt2-flax: warning: {src.name}: skipped {len(lines)} bad record(s) (first: {first_bad})")
@@ -427,7 +435,7 @@ def _copy_without(src: Source, lines: set[int], dest: Path) -> None:
     assert src.path is not None
     if src.kind == "csv":
         with (
-            open(src.path, newline="", encoding="utf-8", errors="replace") as f,
+            open_file(src.path, "r", newline="", encoding="utf-8", errors="replace") as f,
             open(dest, "w", newline="", encoding="utf-8") as out,
         ):
             reader, writer = csv.reader(f), csv.writer(out)
@@ -435,7 +443,10 @@ def _copy_without(src: Source, lines: set[int], dest: Path) -> None:
                 if row and reader.line_num not in lines:
                     writer.writerow(row)
         return
-    with open(src.path, encoding="utf-8", errors="replace") as f, open(dest, "w", encoding="utf-8") as out:
+    with (
+        open_file(src.path, "r", encoding="utf-8", errors="replace") as f,
+        open(dest, "w", encoding="utf-8") as out,
+    ):
         for n, line in enumerate(f, 1):
             if n not in lines and line.strip():
                 out.write(line if line.endswith("\n") else line + "\n")
@@ -444,7 +455,8 @@ def _copy_without(src: Source, lines: set[int], dest: Path) -> None:
 def load_rows(
     kind: str, group: list[Source], column: str, header: bool, encoding_errors: str, cache: Path
 ) -> Any:
-    """A `datasets.Dataset` of the group's rows holding only the text column (Arrow files under cache)."""
+    """A `datasets.Dataset` of the group's rows holding only the text column (Arrow files under cache).
+    URLs are streamed through the same `datasets` parser, so no raw file is copied whole."""
     import datasets
 
     if kind in ("texts", "dataset"):
@@ -462,12 +474,31 @@ def load_rows(
     elif kind == "parquet":
         kw = {"columns": [column]}
     files = [str(s.path) for s in group]
+    remote = any(is_url(f) for f in files)  # read in place (below), not fetched whole first
     try:
-        ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=str(cache), **kw)
+        ds = datasets.load_dataset(
+            kind, data_files=files, split="train", cache_dir=str(cache), streaming=remote, **kw
+        )
+        if column not in ds.column_names:
+            raise DataError(f"{group[0].name} has no column {column!r} (its columns: {ds.column_names}).")
+        ds = ds.select_columns([column])
+        if remote:  # the same parser streams the URLs (fsspec); only the text column lands in Arrow
+            features = None if ds.features is None else datasets.Features({column: ds.features[column]})
+            # Plain gen_kwargs: datasets hashes them (dill), ~0.7 s for the stream object itself.
+            spec = {"kind": kind, "files": files, "column": column, "kw": kw}
+            ds = datasets.Dataset.from_generator(
+                _streamed_rows, gen_kwargs=spec, features=features, cache_dir=str(cache)
+            )
     except ValueError as e:
         if "corresponds to no data" in str(e):  # datasets' message for zero rows
             raise DataError(f"{group[0].name} holds no text (no rows): add rows or remove it.") from e
         raise
-    if column not in ds.column_names:
-        raise DataError(f"{group[0].name} has no column {column!r} (its columns: {ds.column_names}).")
-    return ds.select_columns([column])
+    return ds
+
+
+def _streamed_rows(kind: str, files: list[str], column: str, kw: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    import datasets
+
+    yield from datasets.load_dataset(
+        kind, data_files=files, split="train", streaming=True, **kw
+    ).select_columns([column])

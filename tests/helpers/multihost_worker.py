@@ -2,13 +2,15 @@
 
     python multihost_worker.py PORT NUM_PROCESSES PROCESS_ID DEVICES_PER_PROCESS WORKDIR MESH_JSON
 
-Trains the tiny model of tests/test_sharding.py for 10 steps with `GPT2.train` and, on process 0,
-writes the logged losses and the final parameters to WORKDIR.
+Trains the tiny model of tests/test_sharding.py for 10 steps with `GPT2.train`, training its own
+tokenizer and token cache (report=True); each process writes what it trained on, and process 0 the
+logged losses and the final parameters, to WORKDIR.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -24,7 +26,10 @@ jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=int(nproc), proces
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sharding_case import run_case  # noqa: E402
 
-losses, params = run_case(workdir, json.loads(mesh), tag="multihost")
+# gpt2_flax's INFO lines (tokenizer trained / received, cache encoded / reused) for the test to count.
+logging.basicConfig(format="%(name)s: %(message)s")
+logging.getLogger("gpt2_flax").setLevel(logging.INFO)
+losses, params = run_case(workdir, json.loads(mesh), tag="multihost", report=True)
 if jax.process_index() == 0:
     import numpy as np
 
