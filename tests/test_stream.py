@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from gpt2_flax import GPT2, StreamingDataset, TokenDataset, load_tokenizer, merge_datasets, train_tokenizer
 from gpt2_flax.cli import main as cli_main
-from gpt2_flax.data import stream
+from gpt2_flax.data import cache, stream
 from gpt2_flax.data.rows import mix_choice
 from gpt2_flax.errors import DataError
 from gpt2_flax.tokenizer import tokenizer_fingerprint
@@ -48,15 +48,18 @@ def test_streamed_rows_are_the_cached_rows(docs, tok, tmp_path, monkeypatch, lin
     # In stream order the rows are the cached path's rows 0, 1, 2, ... (which it then visits in a seeded
     # order). line_by_line: the same best-fit packing when one window holds the whole corpus.
     monkeypatch.setattr(stream, "WINDOW_ROWS", 10_000)
+    if not line_by_line:  # documents of ~200 characters: cut into pieces, encoded in groups of ~100
+        monkeypatch.setattr(cache, "CHUNK_CHARS", 100)
     kw = dict(tokenizer=tok, block_size=BLOCK, line_by_line=line_by_line)
     cached = TokenDataset(datasets.Dataset.from_dict({"text": docs}), cache_dir=tmp_path, **kw)
     streamed = StreamingDataset(_stream(docs), **kw)
     n = cached.num_blocks
     first = next(streamed.iter_batches(n, num_steps=1))
     assert _same(first, cached.rows._gather(np.arange(n)))
-    # The next epoch starts over from the first document (concatenated: the stream of tokens goes on).
+    # The next epoch: line_by_line packs it afresh (the same rows again, no shuffle buffer); the
+    # concatenated token stream goes on across the epoch boundary, so its rows shift.
     again = next(streamed.iter_batches(n, start_step=1, num_steps=1))
-    assert again["input_ids"].shape == (n, BLOCK) and not _same(again, first) or line_by_line
+    assert _same(again, first) is line_by_line
 
 
 def test_stream_resumes_bitwise_from_the_step(docs, tok, tiny_config, tmp_path) -> None:
@@ -79,6 +82,7 @@ def test_stream_resumes_bitwise_from_the_step(docs, tok, tiny_config, tmp_path) 
     assert losses[0] == losses[1]
     run = json.loads((straight / "run.json").read_text())
     assert run["config"]["data"]["streaming"] is True
+    assert run["data"]["streamed"] is True and run["data"]["stream_processes"] == 1
 
 
 def test_shuffled_stream_and_resume_skip(docs, tok) -> None:
@@ -198,3 +202,30 @@ def test_cli_streams_local_jsonl_with_a_tokenizer_from_its_prefix(docs, tmp_path
     batch = next(ds.iter_batches(8))
     assert batch["input_ids"].shape == (8, ds.block_size)
     assert not (tmp_path / "run").exists()
+
+
+def test_hub_spec_streams_its_split(docs, monkeypatch) -> None:
+    """hub:NAME:CONFIG@SPLIT with streaming is datasets.load_dataset(..., streaming=True) (offline:
+    load_dataset replaced), its text column renamed to "text"."""
+    from gpt2_flax.data.encoding import EncodingOptions
+    from gpt2_flax.data.stream_sources import open_streams
+
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return _stream(docs, column="body")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    ds = open_streams(["hub:org/corpus:en@validation"], EncodingOptions(text_column="body"))
+    assert calls == [(("org/corpus", "en"), {"split": "validation", "streaming": True})]
+    assert ds.column_names == ["text"] and [r["text"] for r in ds] == docs
+
+
+def test_a_streamed_run_resumes_on_its_own_process_count() -> None:
+    """run.json records how many processes streamed (each reads its own part); a resume on another
+    count would train on other rows, so the refusal says so."""
+    from gpt2_flax.run_dir import _describe
+
+    old, new = {"files": ["s"], "stream_processes": 2}, {"files": ["s"], "stream_processes": 1}
+    assert "streamed by 2 -> 1 processes" in _describe("data", old, new)

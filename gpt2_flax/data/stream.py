@@ -18,13 +18,16 @@ a resumed run keeps the number of processes.
 
 Resume is a deterministic skip: a run resumed at step s re-reads and re-encodes the s * batch_size /
 process_count rows its process served and discards them. It needs nothing but the step (no iterator
-state in the checkpoint, which would have to be saved per process and which datasets' state_dict does
-not restore exactly under a shuffle buffer); its cost is the stream's encoding rate, measured in
-BENCHMARKS.md ("Streaming"), so it suits runs of up to a few billion tokens per process.
+state in the checkpoint, which would have to be saved per process, and datasets' load_state_dict
+refills a shuffle buffer instead of restoring it, huggingface/datasets#7444, so it would not resume
+bitwise). Its cost is the stream's encoding rate: ~230-250k tokens/s per process on the project's
+2-core VM under load (BENCHMARKS.md, "Streaming"), ~7 minutes for a resume after 100 M tokens, so it
+suits runs of up to a few billion tokens per process.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,10 +37,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gpt2_flax.data import cache
-from gpt2_flax.data.encoding import EncodingOptions, choose_options, encode_rows
+from gpt2_flax.data.encoding import EncodingOptions, choose_options, row_texts
+from gpt2_flax.data.encoding import _encode_texts as encode_texts
 from gpt2_flax.data.packing import DocumentRows
 from gpt2_flax.data.rows import EVAL_SEED, PackedRows, _pad_rows, _rows_per_process, prefetch
-from gpt2_flax.data.sources import PathLike, _pick_column
+from gpt2_flax.data.sources import PathLike, _pick_column, iter_pieces
 from gpt2_flax.errors import DataError, spell
 from gpt2_flax.tokenizer import eos_token_id, load_tokenizer
 
@@ -144,7 +148,7 @@ class StreamingDataset(StreamBatches):
         block_size: int = 1024,
         *,
         line_by_line: bool = False,
-        text_column: str | None = None,
+        text_column: str | int | None = None,
         long_documents: str = "split",
         shuffle_buffer: int = 0,
         validation: Any = None,
@@ -162,15 +166,17 @@ class StreamingDataset(StreamBatches):
                 "on): pass tokenizer= / tokenizer_file= / vocab_file + merges_file, e.g. from "
                 "train_tokenizer(texts=<a sample of the stream>)."
             )
-        if block_size < (2 if line_by_line or (encoding and encoding.line_by_line) else 1):
-            raise DataError(f"block_size must be >= {2 if line_by_line else 1} here, got {block_size}.")
-        if long_documents not in ("split", "truncate"):
-            raise DataError(f"long_documents must be 'split' or 'truncate', got {long_documents!r}.")
-        self.tokenizer = tokenizer or load_tokenizer(vocab_file, merges_file, tokenizer_file)
         self.encoding = choose_options(
             encoding, EncodingOptions(line_by_line=line_by_line, text_column=text_column)
         )
         check_stream_options(self.encoding)
+        if block_size < (least := 2 if self.encoding.line_by_line else 1):
+            raise DataError(f"block_size must be >= {least} here, got {block_size}.")
+        if long_documents not in ("split", "truncate"):
+            raise DataError(f"long_documents must be 'split' or 'truncate', got {long_documents!r}.")
+        if shuffle_buffer < 0:
+            raise DataError(f"shuffle_buffer must be >= 0 (0 = stream order), got {shuffle_buffer}.")
+        self.tokenizer = tokenizer or load_tokenizer(vocab_file, merges_file, tokenizer_file)
         self.data, self.block_size, self.long_documents = data, block_size, long_documents
         self.shuffle_buffer, self.validation = shuffle_buffer, validation
         info = getattr(data, "info", None)
@@ -198,19 +204,31 @@ class StreamingDataset(StreamBatches):
             part = part.shuffle(seed=seed, buffer_size=self.shuffle_buffer)
         return part
 
-    def _encoded(self, part: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(token ids, document lengths) of ~CHUNK_CHARS of text at a time, in stream order."""
-        values: list[Any] = []
-        size = 0
+    def _texts(self, part: Any) -> Iterator[tuple[list[str], list[bool]]]:
+        """~CHUNK_CHARS of text at a time, in stream order: (texts, whether each ends a document). A
+        long document (concatenated mode) is cut at safe points into pieces that encode like the
+        whole (sources.iter_pieces), so one huge record never makes one huge encode call."""
+        texts: list[str] = []
+        ends: list[bool] = []
+        size, chunk = 0, cache.CHUNK_CHARS
         for batch in part.iter(batch_size=READ_ROWS):
-            values += batch[self.column]
-            size += sum(len(v) for v in batch[self.column] if isinstance(v, str))
-            if size >= cache.CHUNK_CHARS:
-                out = encode_rows(values, self._encoder, self.name, self.column)
-                yield out["ids"][0], out["lengths"][0]
-                values, size = [], 0
-        if values:
-            out = encode_rows(values, self._encoder, self.name, self.column)
+            for doc in row_texts(batch[self.column], self.name, self.column):
+                long = not self.line_by_line and len(doc) > chunk
+                pieces = list(iter_pieces(io.StringIO(doc).read, self.name, chunk, chunk)) if long else [doc]
+                for i, piece in enumerate(pieces):
+                    texts.append(piece)
+                    ends.append(i == len(pieces) - 1)
+                    size += len(piece)
+                    if size >= chunk:
+                        yield texts, ends
+                        texts, ends, size = [], [], 0
+        if texts:
+            yield texts, ends
+
+    def _encoded(self, part: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(token ids, document lengths) of each group of texts: the cache's encoding of them."""
+        for texts, ends in self._texts(part):
+            out = encode_texts(texts, ends, self._encoder)
             yield out["ids"][0], out["lengths"][0]
 
     def row_chunks(
