@@ -426,8 +426,8 @@ def _stream_dataset(cfg: Config, files: list[str], tokenizer: Any, stream: Any) 
     val = None
     if d.validation_files:
         vals = open_streams(d.validation_files, d.encoding)
-        val = StreamingDataset(vals, **kw, name=f"{', '.join(d.validation_files)} (streamed)")
-    return StreamingDataset(stream, **kw, validation=val, name=f"{', '.join(files)} (streamed)")
+        val = StreamingDataset(vals, **kw, name=", ".join(d.validation_files))
+    return StreamingDataset(stream, **kw, validation=val, name=", ".join(files))
 
 
 def _run_dataset(cfg: Config, files: list[str], tokenizer: Any) -> Any:

@@ -356,6 +356,8 @@ def _describe(key: str, old: Any, new: Any) -> str:
         old, new = old or {}, new or {}
         if old.get("files") != new.get("files"):
             return f"files {old.get('files')} -> {new.get('files')}"
+        if bool(old.get("streamed")) != bool(new.get("streamed")):
+            return "cached -> streamed" if new.get("streamed") else "streamed -> cached"
         if old.get("stream_processes") != new.get("stream_processes"):
             return (
                 f"streamed by {old.get('stream_processes')} -> {new.get('stream_processes')} processes "

@@ -227,5 +227,7 @@ def test_a_streamed_run_resumes_on_its_own_process_count() -> None:
     count would train on other rows, so the refusal says so."""
     from gpt2_flax.run_dir import _describe
 
-    old, new = {"files": ["s"], "stream_processes": 2}, {"files": ["s"], "stream_processes": 1}
+    old = {"files": ["s"], "streamed": True, "stream_processes": 2}
+    new = {**old, "stream_processes": 1}
     assert "streamed by 2 -> 1 processes" in _describe("data", old, new)
+    assert _describe("data", {"files": ["s"]}, new) == "cached -> streamed"
