@@ -23,6 +23,7 @@ _EXPORTS = {
     "load_config": "gpt2_flax.config",
     "TokenDataset": "gpt2_flax.data",
     "merge_datasets": "gpt2_flax.data",
+    "StreamingDataset": "gpt2_flax.data",
     "load_tokenizer": "gpt2_flax.tokenizer",
     "train_tokenizer": "gpt2_flax.tokenizer",
 }

@@ -155,10 +155,15 @@ class GPT2(GenerationMixin):
     ) -> list[dict[str, Any]]:
         """Trains on a TokenDataset, then exports the final weights to `output_dir` for PyTorch.
 
+        `data` may also be a StreamingDataset, a merge_datasets result, or a `datasets.IterableDataset`
+        (streamed with this model's tokenizer, block_size = n_positions, text column "text").
         Keyword arguments are `TrainConfig` fields (learning_rate, warmup_steps, weight_decay,
         max_grad_norm, seed, save_every, generate_every, log_every, ...). Resumes automatically
         from checkpoints in `output_dir`. Returns the logged metrics.
         """
+        from gpt2_flax.data.stream import as_dataset
+
+        data = as_dataset(data, self.tokenizer, self.model_config.n_positions)
         cfg = self.run_config(
             data, mesh, batch_size=batch_size, num_steps=num_steps, output_dir=str(output_dir), **train_kwargs
         )
@@ -317,6 +322,7 @@ def data_config_of(data: Any) -> DataConfig:
     parts = getattr(data, "datasets", None) or [data]
     first = parts[0]
     enc = getattr(first, "encoding", None) or DataConfig().encoding  # (bare rows in a merge: defaults)
+    streaming = getattr(data, "streaming", False)
     # The reverse of DataConfig.encoding: each option is the data.* key of the same name.
     options = {f.name: getattr(enc, f.name) for f in dataclasses.fields(enc) if f.name != "progress"}
     if options["text_column"] is not None:
@@ -325,7 +331,10 @@ def data_config_of(data: Any) -> DataConfig:
         files=tuple(str(f) for p in parts for f in getattr(p, "files", [])),
         block_size=int(data.block_size),
         long_documents=getattr(first, "long_documents", "split"),
-        validation_split=getattr(first, "validation_split", 0.0),
+        # (a stream holds nothing out; a cached part of a streamed mixture records its own split)
+        validation_split=0.0 if streaming else getattr(first, "validation_split", 0.0),
+        streaming=streaming,
+        shuffle_buffer=getattr(first, "shuffle_buffer", 0),
         **options,
     )
 
@@ -361,7 +370,9 @@ def _check_folder_tokenizer(model_folder: PathLike, tokenizer: Any) -> None:
         )
 
 
-def _run_tokenizer(cfg: Config, files: list[str], overwrite: bool) -> tuple[Any, dict[str, str]]:
+def _run_tokenizer(
+    cfg: Config, files: list[str], overwrite: bool, stream: Any = None
+) -> tuple[Any, dict[str, str]]:
     """The tokenizer a CLI run uses, and the files to write into the run folder: the configured one,
     the token cache's, the resumed run's own, or one trained on `files`, read as the dataset reads them
     (data.text_column, line_by_line, ...: the text only). A trained tokenizer is staged in a temporary
@@ -378,16 +389,45 @@ def _run_tokenizer(cfg: Config, files: list[str], overwrite: bool) -> tuple[Any,
     resumed = out / "run_tokenizer.json"
     if not overwrite and "://" not in str(out) and resumed.is_file() and (out / "checkpoints").is_dir():
         return load_tokenizer(tokenizer_file=resumed), {}  # a resume: the run's tokenizer, not a new one
+    texts = None
+    if stream is not None:  # no cache pass to train on: a bounded prefix of the stream
+        from gpt2_flax.data.stream_sources import stream_sample
+
+        texts = stream_sample(stream, None, d.stream_tokenizer_mb)
+        mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+        print(
+            f"gpt2-flax: no tokenizer given; training one on the stream's first {mb:.1f} MB "
+            f"(data.stream_tokenizer_mb={d.stream_tokenizer_mb:g}; or pass data.tokenizer_file)"
+        )
     with tempfile.TemporaryDirectory(prefix="gpt2_flax-tokenizer-") as tmp:
         vocab, merges = train_tokenizer(
-            files,
+            None if stream is not None else files,
+            texts=texts,
             vocab_size=cfg.model.vocab_size,
             min_frequency=d.min_frequency,
             save_path=tmp,
-            encoding=d.encoding,
+            # the sampled texts are the text column already (open_streams named it "text")
+            encoding=d.encoding if stream is None else dataclasses.replace(d.encoding, text_column=None),
         )
         staged = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir())}
         return load_tokenizer(vocab, merges), staged
+
+
+def _stream_dataset(cfg: Config, files: list[str], tokenizer: Any, stream: Any) -> Any:
+    """data.streaming=true: a StreamingDataset of `stream` (open_streams of files), with a streamed
+    validation set of data.validation_files if given."""
+    from gpt2_flax.data import StreamingDataset
+    from gpt2_flax.data.stream_sources import open_streams
+
+    d = cfg.data
+    # open_streams renamed each input's text column to "text"
+    kw = dict(tokenizer=tokenizer, block_size=cfg.block_size, long_documents=d.long_documents)
+    kw.update(encoding=dataclasses.replace(d.encoding, text_column=None), shuffle_buffer=d.shuffle_buffer)
+    val = None
+    if d.validation_files:
+        vals = open_streams(d.validation_files, d.encoding)
+        val = StreamingDataset(vals, **kw, name=", ".join(d.validation_files))
+    return StreamingDataset(stream, **kw, validation=val, name=", ".join(files))
 
 
 def _run_dataset(cfg: Config, files: list[str], tokenizer: Any) -> Any:
@@ -425,12 +465,16 @@ def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True,
     if not files and not cfg.data.from_cache:
         files = [str(write_demo_corpus(local_cache_dir() / "demo_corpus.txt"))]
         print(f"gpt2-flax: no --data given; training on Python standard-library docstrings ({files[0]})")
-    weights = None
+    weights, stream = None, None
+    if cfg.data.streaming:
+        from gpt2_flax.data.stream_sources import open_streams
+
+        stream = open_streams(files, cfg.data.encoding)
     if cfg.model.init_from:
         cfg, tokenizer, weights = _init_from(cfg)
         tokenizer_files: dict[str, str] = {}
     else:
-        tokenizer, tokenizer_files = _run_tokenizer(cfg, files, overwrite)
+        tokenizer, tokenizer_files = _run_tokenizer(cfg, files, overwrite, stream)
         vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         trained_here = not (cfg.data.tokenizer_file or cfg.data.vocab_file or cfg.data.from_cache)
         if vocab_size != cfg.model.vocab_size and trained_here:
@@ -438,7 +482,11 @@ def run_training(cfg: Config, *, overwrite: bool = False, progress: bool = True,
             asked = cfg.model.vocab_size
             print(f"gpt2-flax: the corpus gave {vocab_size} tokens (asked {asked}); using them")
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
-    data = _run_dataset(cfg, files, tokenizer)
+    data = (
+        _run_dataset(cfg, files, tokenizer)
+        if stream is None
+        else _stream_dataset(cfg, files, tokenizer, stream)
+    )
     m = cfg.model
     ai = GPT2(model=weights, config=m, tokenizer=tokenizer, seed=cfg.train.seed)
     ai.tokenizer_files = tokenizer_files

@@ -156,9 +156,23 @@ class DataConfig:
     # CSV rows with the wrong number of fields, JSONL lines that are not JSON or lack the text field,
     # empty documents: false = an error naming the file and line; true = skipped, counted in a warning.
     skip_bad_records: bool = False
+    # Stream `files` (hub:NAME specs, local text/CSV/JSONL/Parquet) through datasets' streaming, encoded
+    # on the fly in the training process: no cache, no pass before training, resume by re-reading
+    # (deterministic skip; see gpt2_flax/data/stream.py and README "Streaming").
+    streaming: bool = False
+    shuffle_buffer: int = 0  # streaming: documents shuffled in a buffer of this many; 0 = stream order
+    # streaming without a tokenizer: one is trained on the stream's first N MB of text (else: none).
+    stream_tokenizer_mb: float = 50.0
 
     def __post_init__(self) -> None:
         _check_types(self, "data")
+        if self.streaming:
+            self._check_streaming()
+        elif self.shuffle_buffer:
+            raise ConfigError(
+                "data.shuffle_buffer applies to data.streaming=true only (a cached corpus is visited in "
+                "a random order of its rows, seeded by train.seed): leave it out or stream"
+            )
         if self.block_size is not None and self.block_size < 1:
             raise ConfigError(
                 f"data.block_size must be >= 1 (or null = model.n_positions), got {self.block_size}"
@@ -172,6 +186,34 @@ class DataConfig:
             raise ConfigError(f"data.long_documents must be split or truncate, got {self.long_documents!r}")
         if self.encoding_errors not in ("strict", "replace"):
             raise ConfigError(f"data.encoding_errors must be strict or replace, got {self.encoding_errors!r}")
+
+    def _check_streaming(self) -> None:
+        """Options a stream cannot honour, each with its fix (before any folder is touched)."""
+        bad = {
+            "from_cache": (self.from_cache, "a token cache is read as it is: leave out data.streaming"),
+            "validation_split": (
+                self.validation_split,
+                "a stream has no known length to hold a fraction out of: pass data.validation_files "
+                "(e.g. hub:NAME@validation), streamed too",
+            ),
+            "num_proc": (
+                self.num_proc > 1,
+                "a stream is encoded in the training process (the tokenizer uses every core): leave it out",
+            ),
+            "header": (not self.header, "a stream's rows have named columns: use data.text_column"),
+            "skip_bad_records": (
+                self.skip_bad_records,
+                "records are never checked before a streamed run: leave it out",
+            ),
+        }
+        for name, (given, fix) in bad.items():
+            if given:
+                raise ConfigError(f"data.streaming=true cannot be used with data.{name}: {fix}")
+        if self.shuffle_buffer < 0 or self.stream_tokenizer_mb <= 0:
+            raise ConfigError(
+                f"data.shuffle_buffer must be >= 0 and data.stream_tokenizer_mb > 0, got "
+                f"{self.shuffle_buffer} and {self.stream_tokenizer_mb}"
+            )
 
     @property
     def encoding(self) -> EncodingOptions:

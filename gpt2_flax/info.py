@@ -65,7 +65,8 @@ def _run_lines(folder: Path, run: dict[str, Any]) -> list[str]:
     data = run.get("data") or {}
     files = data.get("files") or []
     shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-    lines.append(f"  data: {data.get('num_tokens', '?'):,} tokens from {shown or 'texts given in Python'}")
+    amount = "streamed" if data.get("streamed") else f"{data.get('num_tokens', '?'):,} tokens"
+    lines.append(f"  data: {amount} from {shown or 'texts given in Python'}")
     lines += _loss_lines(folder / "metrics.jsonl")
     holder = read_lock(folder)
     if holder:

@@ -65,12 +65,19 @@ def data_identity(dataset: Any) -> dict[str, Any]:
     """What the run trains on, as run.json records it: the token cache key (a hash of every input
     file's path, size and mtime, the tokenizer and the encoding options) and the files."""
     parts = getattr(dataset, "datasets", None) or [dataset]
-    return {
+    identity = {
         "token_cache_keys": [Path(str(getattr(p, "cache_entry", ""))).name for p in parts],
         "files": [str(f) for p in parts for f in getattr(p, "files", [])],
         "num_tokens": int(sum(getattr(p, "num_tokens", 0) for p in parts)),
         "block_size": int(dataset.block_size),
     }
+    if getattr(dataset, "streaming", False):  # a stream's length is unknown: num_tokens counts cached parts
+        import jax
+
+        identity["streamed"] = True
+        # Each process streams its own part (stream.py), so the order depends on the process count.
+        identity["stream_processes"] = jax.process_count()
+    return identity
 
 
 def checkpoint_steps(folder: Path | str) -> list[int]:
@@ -349,6 +356,13 @@ def _describe(key: str, old: Any, new: Any) -> str:
         old, new = old or {}, new or {}
         if old.get("files") != new.get("files"):
             return f"files {old.get('files')} -> {new.get('files')}"
+        if bool(old.get("streamed")) != bool(new.get("streamed")):
+            return "cached -> streamed" if new.get("streamed") else "streamed -> cached"
+        if old.get("stream_processes") != new.get("stream_processes"):
+            return (
+                f"streamed by {old.get('stream_processes')} -> {new.get('stream_processes')} processes "
+                "(each streams its own part, so the order of the rows would change)"
+            )
         return f"the same files changed since (tokens {old.get('num_tokens')} -> {new.get('num_tokens')})"
     return f"{old!r} -> {new!r}"
 

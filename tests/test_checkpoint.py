@@ -13,16 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import RESUME_TRAIN
 from safetensors.numpy import load_file
 
 from gpt2_flax import GPT2
 from gpt2_flax.checkpoint import Checkpointer, CheckpointError, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 12
 # warmup 8 puts the warmup boundary inside the second half of a 6 + 6 split; the corpus holds many
 # more blocks than 12 x 16 rows, so the split is mid-epoch.
-TRAIN = dict(batch_size=16, num_steps=STEPS, log_every=1, save_every=3, warmup_steps=8, learning_rate=3e-3)
+TRAIN = RESUME_TRAIN
+STEPS = TRAIN["num_steps"]  # 12
 
 
 def _fresh(tokenizer_files, tiny_config) -> GPT2:

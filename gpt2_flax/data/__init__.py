@@ -12,6 +12,8 @@ The modules, in the order text flows through them:
     rows.py      training rows and batches, a pure function of (seed, step, process index); prefetch
     packing.py   line_by_line rows: whole documents best-fit into rows of block_size tokens
     dataset.py   TokenDataset and merge_datasets, the datasets users build
+    stream.py    StreamingDataset: a datasets.IterableDataset encoded on the fly, no cache
+    stream_mix.py  merge_datasets with streams: the same seeded row draws as the cached mixture
     corpus.py    the offline demo corpus (standard-library docstrings)
 
 DataConfig.encoding turns the flat data.* keys into an EncodingOptions; TokenDataset(encoding=...),
@@ -30,6 +32,7 @@ from gpt2_flax import _lazy_exports
 _EXPORTS = {
     "TokenDataset": "gpt2_flax.data.dataset",
     "merge_datasets": "gpt2_flax.data.dataset",
+    "StreamingDataset": "gpt2_flax.data.stream",
     "EncodingOptions": "gpt2_flax.data.encoding",
     "encode_main": "gpt2_flax.data.cache",
     "local_cache_dir": "gpt2_flax.data.corpus",

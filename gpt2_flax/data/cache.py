@@ -56,6 +56,18 @@ def _encode_batch(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.
     return [np.asarray(e.ids, dtype) for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
 
 
+def make_encoder(tok: Tokenizer, options: EncodingOptions) -> Encoder:
+    """The Encoder of `tok` for one encoding pass: the cache's, and the stream's (stream.py), so both
+    give the same tokens for the same text."""
+    if tok.truncation is not None or tok.padding is not None:  # would cut or pad every piece: turn off
+        tok = Tokenizer.from_str(tok.to_str())
+        tok.no_truncation()
+        tok.no_padding()
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
+    return Encoder(tok, _encode_batch, dtype, eos_token_id(tok), options, CHUNK_CHARS, PIECE_CHARS)
+
+
 # ----------------------------------------------------------------------------- the token cache
 
 
@@ -149,13 +161,8 @@ def _build(tok: Tokenizer, sources: list, cache: Path, options: EncodingOptions)
         raise DataError(
             f"Cannot create cache dir {cache} ({e}): pass cache_dir= or set GPT2_FLAX_CACHE."
         ) from e
-    if tok.truncation is not None or tok.padding is not None:  # would cut or pad every piece: turn off
-        tok = Tokenizer.from_str(tok.to_str())
-        tok.no_truncation()
-        tok.no_padding()
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    dtype = np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
-    encoder = Encoder(tok, _encode_batch, dtype, eos_token_id(tok), options, CHUNK_CHARS, PIECE_CHARS)
+    encoder = make_encoder(tok, options)
+    vocab_size, dtype = encoder.tok.get_vocab_size(with_added_tokens=True), encoder.dtype
     work = Path(tempfile.mkdtemp(dir=cache, prefix=f"{key}.", suffix=".tmp"))  # unique per process
     try:
         start = time.perf_counter()

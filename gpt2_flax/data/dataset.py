@@ -34,6 +34,8 @@ from gpt2_flax.data.packing import DocumentRows
 from gpt2_flax.data.remote import local_folder
 from gpt2_flax.data.rows import MixedRows, PackedRows, Rows
 from gpt2_flax.data.sources import PathLike
+from gpt2_flax.data.stream import mixed_parts
+from gpt2_flax.data.stream_mix import StreamingMix
 from gpt2_flax.errors import DataError
 from gpt2_flax.tokenizer import eos_token_id, load_tokenizer, tokenizer_fingerprint
 
@@ -295,11 +297,13 @@ class MergedDataset(_Dataset):
 
 
 def merge_datasets(
-    datasets: Sequence[_Dataset | Rows], weights: Sequence[float] | None = None, equalize: bool = False
-) -> MergedDataset:
+    datasets: Sequence[Any], weights: Sequence[float] | None = None, equalize: bool = False
+) -> MergedDataset | StreamingMix:
     """One dataset whose rows come from `datasets` with probabilities `weights` (normalised), or equal
     ones with equalize=True; default: proportional to size. Sampling, never truncation: every row of
-    every dataset stays reachable. All datasets need the same block_size and tokenizer."""
+    every dataset stays reachable. All datasets need the same block_size and tokenizer. With any
+    StreamingDataset among them the result is a StreamingMix (stream_mix.py: the same row draws;
+    weights= or equalize=True needed)."""
     datasets = list(datasets)
     if not datasets:
         raise DataError("merge_datasets needs at least one dataset.")
@@ -314,7 +318,13 @@ def merge_datasets(
         )
     if equalize:
         weights = [1.0] * len(datasets)
+    streams = mixed_parts(datasets)
+    if streams and weights is None:
+        raise DataError(
+            "merge_datasets with a streaming dataset needs weights= or equalize=True: a stream's size "
+            "is not known, so the default (proportional to size) cannot be computed."
+        )
     w = np.asarray([len(d) for d in datasets] if weights is None else weights, dtype=np.float64)
     if w.shape != (len(datasets),) or (w < 0).any() or w.sum() <= 0:
         raise DataError(f"weights={list(w)} must be {len(datasets)} non-negative numbers, not all zero.")
-    return MergedDataset(datasets, w / w.sum())
+    return StreamingMix(datasets, w / w.sum()) if streams else MergedDataset(datasets, w / w.sum())

@@ -73,7 +73,8 @@ class DocumentRows(Rows):
     """line_by_line mode: rows of block_size tokens, each holding whole documents (or pieces of long ones).
 
     The packing (pieces sorted by row + row pointers) is computed once and stored next to the token
-    file as `<index_path>.pieces.npy` / `.rows.npy`, then memory-mapped.
+    file as `<index_path>.pieces.npy` / `.rows.npy`, then memory-mapped. warn=False: no warning about
+    long documents (a stream packs window after window and warns once itself).
     """
 
     def __init__(
@@ -84,12 +85,13 @@ class DocumentRows(Rows):
         doc_ids: np.ndarray | None = None,
         long_documents: str = "split",
         index_path: Path | None = None,
+        warn: bool = True,
     ) -> None:
         if block_size < 2:
             raise DataError(f"line_by_line needs block_size >= 2, got {block_size}.")
         self.tokens = tokens
         lengths = np.diff(doc_offsets) if doc_ids is None else np.diff(doc_offsets)[doc_ids]
-        if (num_long := int((lengths > block_size).sum())) > 0:
+        if warn and (num_long := int((lengths > block_size).sum())) > 0:
             action = "split into pieces of block_size tokens" if long_documents == "split" else "truncated"
             warnings.warn(
                 f"{num_long} of {lengths.size} documents are longer than block_size={block_size} tokens "

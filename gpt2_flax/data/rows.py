@@ -171,6 +171,28 @@ class PackedRows(Rows):
         return {"input_ids": windows[:, :-1].copy(), "labels": windows[:, 1:].copy()}  # C-contiguous
 
 
+def mix_choice(seed: int, step: int, batch_size: int, weights: np.ndarray) -> np.ndarray:
+    """Which part each row of global batch `step` comes from: (batch_size,) ints drawn with
+    probabilities `weights`, a pure function of (seed, step) (MixedRows, and stream.py's mixtures)."""
+    rng = np.random.default_rng([seed, step, len(weights)])
+    return rng.choice(len(weights), size=batch_size, p=weights)
+
+
+def combine_parts(
+    gathered: Sequence[tuple[np.ndarray, dict[str, np.ndarray]]], rows: int, block_size: int
+) -> dict[str, np.ndarray]:
+    """One batch of `rows` rows from (row indices, rows) pairs; a concatenated part's rows get the
+    segment ids and positions of one document, so they mix with line_by_line rows."""
+    keys = {key for _, got in gathered for key in got}
+    out = {key: np.full((rows, block_size), -1 if key == "labels" else 0, np.int32) for key in keys}
+    for sel, got in gathered:
+        got.setdefault("segment_ids", np.ones_like(got["input_ids"]))  # concatenated rows: one segment
+        got.setdefault("positions", np.broadcast_to(np.arange(block_size), got["input_ids"].shape))
+        for key in keys:
+            out[key][sel] = got[key]
+    return out
+
+
 class MixedRows(Rows):
     """Rows sampled from several Rows with fixed probabilities `weights` (merge_datasets)."""
 
@@ -186,23 +208,14 @@ class MixedRows(Rows):
         rows = _rows_per_process(batch_size, process_index, process_count)
         if step < 0 or seed < 0:
             raise DataError(f"step ({step}) and seed ({seed}) must be >= 0.")
-        rng = np.random.default_rng([seed, step, len(self.parts)])
-        which = rng.choice(len(self.parts), size=batch_size, p=self.weights)
         first = process_index * rows
-        which = which[first : first + rows]
+        which = mix_choice(seed, step, batch_size, self.weights)[first : first + rows]
         samples = step * batch_size + first + np.arange(rows, dtype=np.int64)
-        gathered = {}
+        gathered = []
         for k, part in enumerate(self.parts):
             if (sel := np.flatnonzero(which == k)).size:
-                gathered[k] = (sel, part._gather(part.rows_for(samples[sel], seed)))
-        keys = {key for _, got in gathered.values() for key in got}
-        out = {key: np.full((rows, self.block_size), -1 if key == "labels" else 0, np.int32) for key in keys}
-        for sel, got in gathered.values():
-            got.setdefault("segment_ids", np.ones_like(got["input_ids"]))  # concatenated rows: one segment
-            got.setdefault("positions", np.broadcast_to(np.arange(self.block_size), got["input_ids"].shape))
-            for key in keys:
-                out[key][sel] = got[key]
-        return out
+                gathered.append((sel, part._gather(part.rows_for(samples[sel], seed))))
+        return combine_parts(gathered, rows, self.block_size)
 
     def eval_batches(
         self, batch_size: int, num_batches: int | None = None, process_index: int = 0, process_count: int = 1

@@ -153,10 +153,14 @@ def _dataset_source(obj: Any) -> Source:
     name = type(obj).__name__
     if name in ("DatasetDict", "IterableDatasetDict"):
         raise DataError(f"Got a {name} with splits {list(obj)}: pass one split, e.g. dataset['train'].")
-    if name != "Dataset":
+    if name == "IterableDataset":
         raise DataError(
-            f"Got a datasets {name}: streaming datasets cannot be cached; load it without streaming=True."
+            "Got a datasets IterableDataset: a stream is not cached. Train on it with "
+            "StreamingDataset(ds, tokenizer=...) or GPT2.train(ds, ...) (data.streaming=true on the "
+            "command line), or load it without streaming=True to cache it."
         )
+    if name != "Dataset":
+        raise DataError(f"Got a datasets {name}: pass a datasets.Dataset (a load_dataset result).")
     return Source("dataset", f"dataset {obj.info.dataset_name or obj._fingerprint!s}", data=obj)
 
 

@@ -12,6 +12,12 @@ from gpt2_flax import build_gpt2_config
 from gpt2_flax.config import ModelConfig
 from gpt2_flax.model import GPT2LMHeadModel
 
+# The bitwise-resume runs' settings (test_checkpoint, test_stream): one set, so their train steps
+# compile once per session. Warmup 8 puts the warmup boundary inside the second half of a 6 + 6 split.
+RESUME_TRAIN = dict(
+    batch_size=16, num_steps=12, log_every=1, save_every=3, warmup_steps=8, learning_rate=3e-3
+)
+
 
 def small_config(vocab_size: int, **kwargs: Any) -> Any:
     """The tests' GPT2Config: 2 layers of 32 features, 4 heads, context 32 (kwargs override)."""
