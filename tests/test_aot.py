@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from gpt2_flax.aot import report_from_dict
+
 ROOT = Path(__file__).resolve().parents[1]
 # No TPU is opened (JAX_PLATFORMS=cpu), so libtpu's one-process lock file need not be held.
 LIBTPU_ENV = {"JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
@@ -68,6 +70,22 @@ def test_gpt2_124m_fits(topology: str, kind: str) -> None:
     # comparison, 139.7 vs 27.6 MiB, left out of the suite: its two T=1024 compiles take ~45 s).
     assert r["attention"].startswith("splash") and r["kernel_calls"] >= 3
     assert r["temp_bytes"] < 3.97 * (1 << 30)
+    # The estimate (docs/tpu.md): the microbatch scan (16) around the layer scans (12, forward and
+    # backward), read from the compiled loops, agreeing with the config.
+    e = r["estimate"]
+    assert e["loops"] == "16 x [12, 12]"
+    assert e["kernel_calls"] == 16 * 12 * 4 and e["unknown_kernel_calls"] == 0
+    # Trip counts applied, FLOPs agree with 6N + 12LdT within 10%: measured x1.049, all of it the
+    # splash kernels' recompute (the forward again under remat, QK^T again in dq and dkv) and their
+    # diagonal tiles, 16.5 LdT where the formula counts 12; XLA's part alone is 6N within 1%.
+    assert 1.0 <= (e["xla_flops"] + e["kernel_flops"]) / r["model_flops"] <= 1.10
+    six_n = 6 * r["n_params"] * r["tokens_per_step"]
+    assert e["xla_flops"] == pytest.approx(six_n, rel=0.01)
+    assert e["collectives"]["all-reduce"]["bytes"] > 16 * r["n_params"] * 2  # per microbatch
+    assert 0 < r["ceiling_mfu"] <= 1 and r["ceiling_tokens_per_s"] > 0
+    text = report_from_dict(r).format()  # the text report of the same numbers: no second compile
+    for line in ("estimate per step", "model FLOPs (6N + 12LdT per token)", "roofline", "ceiling"):
+        assert line in text, text
 
 
 @pytest.mark.slow  # a TPU compile, a CLI training or more processes: CI runs it
