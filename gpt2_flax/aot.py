@@ -30,6 +30,10 @@ from gpt2_flax.sharding import batch_sharding, make_mesh
 from gpt2_flax.train import plan
 
 
+def _size(b: float) -> str:
+    return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / (1 << 20):.1f} MiB"
+
+
 @dataclass(frozen=True)
 class CompileReport:
     topology: str
@@ -83,11 +87,11 @@ class CompileReport:
         if e is None:
             return ["estimate: none (the program does not fit, so nothing was compiled to cost)"]
         peak, bandwidth = self.peak_flops_per_chip * self.n_chips, self.hbm_bandwidth_per_chip * self.n_chips
-        ms = lambda x, rate: f"{x / rate * 1e3:,.1f} ms" if rate else "? ms"  # noqa: E731
+        ms = lambda x, rate: f"{x / rate * 1e3:.4g} ms" if rate else "? ms"  # noqa: E731
         unknown = (
             f", {e.unknown_kernel_calls:,} of unknown kind not counted" if e.unknown_kernel_calls else ""
         )
-        coll = [f"{k} {c.ops:,} ops {c.bytes / GiB:.2f} GiB" for k, c in e.collectives.items()]
+        coll = [f"{k} {c.ops:,} ops {_size(c.bytes)}" for k, c in e.collectives.items()]
         return [
             f"estimate per step (docs/tpu.md): loops {e.loops} (trip counts from the compiled loops)",
             f"  FLOPs {e.flops:.3e} = XLA {e.xla_flops:.3e} (trip counts applied) + splash kernels "
@@ -96,14 +100,14 @@ class CompileReport:
             f"estimate / model = {e.flops / self.model_flops:.3f}",
             f"  HBM bytes {e.hbm_bytes:.3e} (XLA's bytes accessed, trip counts applied); collectives "
             f"per device: {', '.join(coll) or 'none'}",
-            f"  roofline {e.roofline_s * 1e3:,.1f} ms per step, {e.bound}-bound ({ms(e.flops, peak)} of "
+            f"  roofline {e.roofline_s * 1e3:.4g} ms per step, {e.bound}-bound ({ms(e.flops, peak)} of "
             f"FLOPs at {self.peak_flops_per_chip / 1e12:.0f} TFLOP/s, {ms(e.hbm_bytes, bandwidth)} of HBM "
             f"at {self.hbm_bandwidth_per_chip / 1e9:,.0f} GB/s per chip; collectives not timed)",
             f"  ceiling {self.ceiling_tokens_per_s:,.0f} tokens/s, MFU {self.ceiling_mfu:.0%}",
         ]
 
     def format(self) -> str:
-        g = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / (1 << 20):.1f} MiB"  # noqa: E731
+        g = _size
         lines = [
             f"topology {self.topology}: {self.n_devices} x {self.device_kind} ({self.n_chips} chips), "
             f"mesh {self.mesh}",
