@@ -19,21 +19,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gpt2_flax import splash
 from gpt2_flax.config import Config
 from gpt2_flax.errors import ConfigError
-from gpt2_flax.metrics import chip_peak_flops, flops_per_token
-from gpt2_flax.model import GPT2LMHeadModel, attention_implementation
+from gpt2_flax.estimate import StepEstimate, estimate_step
+from gpt2_flax.hlo import Collective
+from gpt2_flax.metrics import GiB, chip, flops_per_token
+from gpt2_flax.model import GPT2LMHeadModel, attention_implementation, compute_dtype
 from gpt2_flax.sharding import batch_sharding, make_mesh
 from gpt2_flax.train import plan
 
-GiB = 1 << 30
-# Per chip HBM bytes (Google Cloud TPU documentation); peak FLOP/s: metrics.PEAK_FLOPS, the one table.
-CHIP_HBM: dict[str, int] = {
-    "TPU v4": 32 * GiB,
-    "TPU v5 lite": 16 * GiB,
-    "TPU v5": 95 * GiB,
-    "TPU v6 lite": 32 * GiB,
-}
+
+def _size(b: float) -> str:
+    return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / (1 << 20):.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -55,6 +53,8 @@ class CompileReport:
     peak_flops_per_chip: float
     attention: str  # the implementation the train step uses, and why (model.attention_implementation)
     kernel_calls: int  # TPU custom calls (Pallas kernels such as splash) in the compiled program
+    hbm_bandwidth_per_chip: float
+    estimate: StepEstimate | None  # None when the program does not fit (nothing compiled)
 
     @property
     def total_bytes(self) -> int:
@@ -67,8 +67,47 @@ class CompileReport:
     def tokens_per_s(self, mfu: float) -> float:
         return mfu * self.peak_flops_per_chip * self.n_chips / self.model_flops_per_token
 
+    @property
+    def model_flops(self) -> float:
+        """Per step: 6N + 12LdT per token (metrics.flops_per_token) times the tokens."""
+        return self.model_flops_per_token * self.tokens_per_step
+
+    @property
+    def ceiling_tokens_per_s(self) -> float:
+        e = self.estimate
+        return self.tokens_per_step / e.roofline_s if e and e.roofline_s else 0.0
+
+    @property
+    def ceiling_mfu(self) -> float:
+        e, peak = self.estimate, self.peak_flops_per_chip * self.n_chips
+        return self.model_flops / (e.roofline_s * peak) if e and e.roofline_s and peak else 0.0
+
+    def estimate_lines(self) -> list[str]:
+        e = self.estimate
+        if e is None:
+            return ["estimate: none (the program does not fit, so nothing was compiled to cost)"]
+        peak, bandwidth = self.peak_flops_per_chip * self.n_chips, self.hbm_bandwidth_per_chip * self.n_chips
+        ms = lambda x, rate: f"{x / rate * 1e3:.4g} ms" if rate else "? ms"  # noqa: E731
+        unknown = (
+            f", {e.unknown_kernel_calls:,} of unknown kind not counted" if e.unknown_kernel_calls else ""
+        )
+        coll = [f"{k} {c.ops:,} ops {_size(c.bytes)}" for k, c in e.collectives.items()]
+        return [
+            f"estimate per step (docs/tpu.md): loops {e.loops} (trip counts from the compiled loops)",
+            f"  FLOPs {e.flops:.3e} = XLA {e.xla_flops:.3e} (trip counts applied) + splash kernels "
+            f"{e.kernel_flops:.3e} ({e.kernel_calls:,} calls per device{unknown})",
+            f"  model FLOPs (6N + 12LdT per token) {self.model_flops:.3e}: "
+            f"estimate / model = {e.flops / self.model_flops:.3f}",
+            f"  HBM bytes {e.hbm_bytes:.3e} (XLA's bytes accessed, trip counts applied); collectives "
+            f"per device: {', '.join(coll) or 'none'}",
+            f"  roofline {e.roofline_s * 1e3:.4g} ms per step, {e.bound}-bound ({ms(e.flops, peak)} of "
+            f"FLOPs at {self.peak_flops_per_chip / 1e12:.0f} TFLOP/s, {ms(e.hbm_bytes, bandwidth)} of HBM "
+            f"at {self.hbm_bandwidth_per_chip / 1e9:,.0f} GB/s per chip; collectives not timed)",
+            f"  ceiling {self.ceiling_tokens_per_s:,.0f} tokens/s, MFU {self.ceiling_mfu:.0%}",
+        ]
+
     def format(self) -> str:
-        g = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / (1 << 20):.1f} MiB"  # noqa: E731
+        g = _size
         lines = [
             f"topology {self.topology}: {self.n_devices} x {self.device_kind} ({self.n_chips} chips), "
             f"mesh {self.mesh}",
@@ -84,6 +123,7 @@ class CompileReport:
             + (", TPU kernels not counted" if self.kernel_calls else "")
             + f"): {self.compiler_flops:.3e}; model FLOPs per token: {self.model_flops_per_token:.3e}",
             f"tokens/s at 40% MFU: {self.tokens_per_s(0.4):,.0f}; at 60% MFU: {self.tokens_per_s(0.6):,.0f}",
+            *self.estimate_lines(),
         ]
         return "\n".join(lines)
 
@@ -104,7 +144,8 @@ def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
     """Lowers and compiles the train step of `cfg` for `topology`; nothing is allocated."""
     devices = topology_devices(topology)
     kind = devices[0].device_kind
-    hbm, peak = CHIP_HBM.get(kind, 0), chip_peak_flops(kind) or 0.0
+    spec = chip(kind)
+    hbm, peak, bandwidth = (spec.hbm_bytes, spec.peak_flops, spec.hbm_bandwidth) if spec else (0, 0.0, 0.0)
     cores_per_chip = len(devices) // len({tuple(d.coords) for d in devices})
     mesh = make_mesh(cfg.mesh, devices)
     m = cfg.model
@@ -116,6 +157,9 @@ def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
     with jax.set_mesh(mesh):
         lowered = setup.step_fn.lower(setup.abstract_state, {"input_ids": row, "labels": row})
     n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+    n_chips = len(devices) // cores_per_chip
+    block = splash.block_sizes(t, m.n_embd // m.n_head, compute_dtype(m.dtype, "tpu").itemsize).block_q
+    estimate = None
     try:
         compiled = lowered.compile()
         mem = compiled.memory_analysis()
@@ -127,7 +171,9 @@ def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
         )
         cost = compiled.cost_analysis()
         flops = float((cost[0] if isinstance(cost, list | tuple) else cost).get("flops", 0.0))
-        kernel_calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+        text = compiled.as_text()
+        kernel_calls = text.count('custom_call_target="tpu_custom_call"')
+        estimate = estimate_step(text, len(devices), peak * n_chips, bandwidth * n_chips, block)
     except Exception as e:  # the TPU compiler refuses programs that cannot fit
         sizes, flops = _sizes_from_oom(e, setup.abstract_state), 0.0
         kernel_calls = lowered.as_text().count("tpu_custom_call")  # as lowered: no compiled program
@@ -137,7 +183,7 @@ def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
         topology=topology,
         device_kind=kind,
         n_devices=len(devices),
-        n_chips=len(devices) // cores_per_chip,
+        n_chips=n_chips,
         mesh=dict(mesh.shape),
         n_params=n_params,
         argument_bytes=sizes[0],
@@ -151,6 +197,8 @@ def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
         peak_flops_per_chip=peak,
         attention=str(attention),
         kernel_calls=kernel_calls,
+        hbm_bandwidth_per_chip=bandwidth,
+        estimate=estimate,
     )
 
 
@@ -174,5 +222,18 @@ def report_dict(report: CompileReport) -> dict[str, Any]:
         fits=report.fits,
         tokens_per_s_40=report.tokens_per_s(0.4),
         tokens_per_s_60=report.tokens_per_s(0.6),
+        model_flops=report.model_flops,
+        ceiling_tokens_per_s=report.ceiling_tokens_per_s,
+        ceiling_mfu=report.ceiling_mfu,
     )
     return out
+
+
+def report_from_dict(d: dict[str, Any]) -> CompileReport:
+    """The report of `report_dict` (the --json output) again, e.g. to print it as text."""
+    names = {f.name for f in dataclasses.fields(CompileReport)}
+    e = d.get("estimate")
+    if e is not None:
+        collectives = {k: Collective(**c) for k, c in e["collectives"].items()}
+        e = StepEstimate(**{**e, "collectives": collectives})
+    return CompileReport(**{k: v for k, v in d.items() if k in names and k != "estimate"}, estimate=e)

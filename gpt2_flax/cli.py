@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile the train step for a TPU slice on this machine (needs libtpu): memory, FLOPs",
         description="Lower and compile the real train step for a TPU topology without a TPU and report "
         "the attention in use, per-device memory against HBM, FLOPs and the tokens/s of 40% and 60% "
-        "MFU. Exit 0 if it "
+        "MFU, and an estimate of the step: FLOPs and HBM bytes with loop trip counts applied, a "
+        "roofline time, the ceiling on tokens/s and MFU, collective bytes (docs/tpu.md). Exit 0 if it "
         "fits, 1 if not.",
         epilog=_override_help(),
         formatter_class=fmt,

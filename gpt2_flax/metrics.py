@@ -38,28 +38,42 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> f
     return 6.0 * n_params + 12.0 * n_layer * seq_len * n_embd
 
 
-# Peak dense bf16 FLOP/s of one chip (vendors' data sheets; SXM parts for GPUs). Matched as a
-# substring of jax's device_kind, longest name first ("TPU v5 lite" before "TPU v5").
-PEAK_FLOPS: dict[str, float] = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "A100": 312e12,
-    "H100": 989e12,
-    "H200": 989e12,
+@dataclass(frozen=True)
+class Chip:
+    peak_flops: float  # dense bf16 FLOP/s
+    hbm_bandwidth: float  # bytes/s
+    hbm_bytes: int
+
+
+GiB = 1 << 30
+# One chip (Google Cloud TPU documentation; vendors' data sheets, SXM parts, for GPUs). Matched as
+# a substring of jax's device_kind, longest name first ("TPU v5 lite" before "TPU v5").
+CHIPS: dict[str, Chip] = {
+    "TPU v4": Chip(275e12, 1200e9, 32 * GiB),
+    "TPU v5 lite": Chip(197e12, 819e9, 16 * GiB),
+    "TPU v5e": Chip(197e12, 819e9, 16 * GiB),
+    "TPU v5p": Chip(459e12, 2765e9, 95 * GiB),
+    "TPU v5": Chip(459e12, 2765e9, 95 * GiB),
+    "TPU v6 lite": Chip(918e12, 1640e9, 32 * GiB),
+    "TPU v6e": Chip(918e12, 1640e9, 32 * GiB),
+    "A100": Chip(312e12, 2039e9, 80 * 10**9),
+    "H100": Chip(989e12, 3350e9, 80 * 10**9),
+    "H200": Chip(989e12, 4800e9, 141 * 10**9),
 }
+
+
+def chip(device_kind: str) -> Chip | None:
+    """The table's row for a device kind, or None when the chip is not in it."""
+    for name in sorted(CHIPS, key=len, reverse=True):
+        if name.lower() in device_kind.lower():
+            return CHIPS[name]
+    return None
 
 
 def chip_peak_flops(device_kind: str) -> float | None:
     """The table's peak for a device kind, or None when the chip is not in it."""
-    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if name.lower() in device_kind.lower():
-            return PEAK_FLOPS[name]
-    return None
+    row = chip(device_kind)
+    return row.peak_flops if row else None
 
 
 @functools.cache

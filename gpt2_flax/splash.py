@@ -91,3 +91,22 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
         args, names = (*args, segment_ids), [*names, ("batch", None)]
     y = shard_map_by_name(local, args, names, qkv_names)
     return y.transpose(0, 2, 1, 3)  # (B, T, H, D)
+
+
+# Matmuls per (block_q, block_kv) tile, each 2 * block_q * block_kv * D FLOPs, by kernel (the
+# instruction names of the compiled program): the forward QK^T and PV; the dq kernel recomputes
+# QK^T, forms dP = dO V^T and dQ = dS K; the dkv kernel recomputes QK^T and dP and forms
+# dV = P^T dO and dK = dS^T Q. XLA's cost analysis counts none of them (a custom call).
+KERNEL_MATMULS = {"splash_mha_fwd": 2, "splash_mha_dq": 3, "splash_mha_dkv": 4}
+
+
+def kernel_flops(name: str, b: int, h: int, t: int, d: int, block: int) -> float | None:
+    """FLOPs of one causal splash kernel call on (b, h, t, d), or None for a kernel not in
+    KERNEL_MATMULS. The kernel skips the tiles the causal mask empties and computes the others in
+    full: n(n+1)/2 of n^2 for n = t / block (3/4 at T=1024, block 512; a dense count would be 1,
+    the useful work 1/2)."""
+    matmuls = next((n for prefix, n in KERNEL_MATMULS.items() if name.startswith(prefix)), None)
+    if matmuls is None:
+        return None
+    n = t // block
+    return matmuls * 2.0 * b * h * block * block * d * (n * (n + 1) // 2)
