@@ -21,6 +21,7 @@ from transformers import GPT2Config
 from gpt2_flax import lora
 from gpt2_flax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
 from gpt2_flax.convert import export_pretrained, load_hf_state_dict, read_manifest, read_weights
+from gpt2_flax.data.remote import join
 from gpt2_flax.errors import DataError
 from gpt2_flax.model import GPT2LMHeadModel
 from gpt2_flax.sampling import GenerateArgs, GenerationMixin
@@ -385,7 +386,7 @@ def _run_tokenizer(
     if d.tokenizer_file or d.vocab_file or d.merges_file:
         return load_tokenizer(d.vocab_file, d.merges_file, d.tokenizer_file), {}
     if d.from_cache:
-        return load_tokenizer(tokenizer_file=Path(d.from_cache) / "tokenizer.json"), {}
+        return load_tokenizer(tokenizer_file=join(d.from_cache, "tokenizer.json")), {}  # (or a URL)
     resumed = out / "run_tokenizer.json"
     if not overwrite and "://" not in str(out) and resumed.is_file() and (out / "checkpoints").is_dir():
         return load_tokenizer(tokenizer_file=resumed), {}  # a resume: the run's tokenizer, not a new one

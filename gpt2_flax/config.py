@@ -152,7 +152,7 @@ class DataConfig:
     validation_split: float = 0.0  # fraction of the data held out for validation
     validation_files: tuple[str, ...] = ()  # or separate validation files
     num_proc: int = 1  # encoding worker processes
-    from_cache: str | None = None  # a token cache folder from `gpt2-flax encode --output` (no re-encoding)
+    from_cache: str | None = None  # a saved token cache (`gpt2-flax encode --output`), or its gs:// URL
     # CSV rows with the wrong number of fields, JSONL lines that are not JSON or lack the text field,
     # empty documents: false = an error naming the file and line; true = skipped, counted in a warning.
     skip_bad_records: bool = False

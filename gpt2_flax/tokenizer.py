@@ -29,6 +29,7 @@ from gpt2_flax.data.encoding import (
     read_parts,
     warn_replaced,
 )
+from gpt2_flax.data.remote import Location, is_url, read_all
 from gpt2_flax.data.sources import PathLike, resolve_sources
 from gpt2_flax.errors import DataError
 
@@ -162,20 +163,20 @@ def load_tokenizer(
     merges_file: PathLike | None = None,
     tokenizer_file: PathLike | None = None,
 ) -> Tokenizer:
-    """Load a tokenizer from a `tokenizers` JSON file or from a GPT-2 vocab.json + merges.txt pair.
+    """Load a tokenizer from a `tokenizers` JSON file or from a GPT-2 vocab.json + merges.txt pair,
+    each a local path or a URL (gs://..., any fsspec protocol: the small files are read whole).
 
     Both routes give the same pipeline as `train_tokenizer` (ByteLevel pre-tokenizer without prefix
     space, ByteLevel decoder and post-processor), so they encode identically.
     """
     if tokenizer_file is not None:
-        path = Path(tokenizer_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"Tokenizer file {path} does not exist: check the path.")
+        where = _tokenizer_location(tokenizer_file, "Tokenizer file")
+        data = read_all(where, "Tokenizer file")  # (a missing URL / file system: its own error)
         try:
-            tok = Tokenizer.from_file(str(path))
+            tok = Tokenizer.from_str(data.decode("utf-8"))
         except Exception as e:  # the tokenizers library raises bare Exceptions for unreadable JSON
             raise DataError(
-                f"Tokenizer file {path} cannot be read ({e}): is it a tokenizers JSON file (e.g. "
+                f"Tokenizer file {where} cannot be read ({e}): is it a tokenizers JSON file (e.g. "
                 "<prefix>.tokenizer.json or an export's tokenizer.json)? It may be truncated."
             ) from None
         return _without_bos_template(tok)
@@ -184,16 +185,21 @@ def load_tokenizer(
             "No tokenizer given: pass tokenizer_file='<prefix>.tokenizer.json', or both "
             "vocab_file='<prefix>-vocab.json' and merges_file='<prefix>-merges.txt' (see train_tokenizer)."
         )
-    vocab_path, merges_path = Path(vocab_file).expanduser(), Path(merges_file).expanduser()
-    for name, path in (("vocab_file", vocab_path), ("merges_file", merges_path)):
-        if not path.is_file():
-            raise FileNotFoundError(f"{name} {path} does not exist: check the path.")
-    try:
-        vocab, merges = models.BPE.read_file(str(vocab_path), str(merges_path))
-    except Exception as e:  # bare Exception from the Rust reader
-        raise DataError(
-            f"{vocab_path} / {merges_path} cannot be read as a GPT-2 vocab.json + merges.txt pair ({e})"
-        ) from None
+    vocab_path = _tokenizer_location(vocab_file, "vocab_file")
+    merges_path = _tokenizer_location(merges_file, "merges_file")
+    with tempfile.TemporaryDirectory(prefix="gpt2_flax-bpe-") as tmp:
+        local = []
+        for name, where in (("vocab_file", vocab_path), ("merges_file", merges_path)):
+            if is_url(where):  # the Rust reader takes paths: a local copy of the small file
+                (copy := Path(tmp) / name).write_bytes(read_all(where, name))
+                where = copy
+            local.append(str(where))
+        try:
+            vocab, merges = models.BPE.read_file(*local)
+        except Exception as e:  # bare Exception from the Rust reader
+            raise DataError(
+                f"{vocab_path} / {merges_path} cannot be read as a GPT-2 vocab.json + merges.txt pair ({e})"
+            ) from None
     # Same BPE options as the trainer's output, so both load routes give the same JSON and fingerprint.
     tok = Tokenizer(models.BPE(vocab, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -201,6 +207,16 @@ def load_tokenizer(
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.add_special_tokens(_special_tokens_from_vocab(vocab))
     return tok
+
+
+def _tokenizer_location(given: PathLike, what: str) -> Location:
+    """A local path that exists, or a URL (left to read_all: FileNotFoundError / DataError naming it)."""
+    if is_url(str(given)):
+        return str(given)
+    path = Path(given).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist: check the path.")
+    return path
 
 
 def eos_token_id(tok: Tokenizer) -> int:

@@ -282,6 +282,98 @@ def test_bad_inputs(tok: Tokenizer, tmp_path: Path) -> None:
         TokenDataset(tmp_path / "ok.txt", validation_split=0.1, validation_files=tmp_path / "ok.txt", **kw)
 
 
+def test_a_saved_cache_on_a_url_is_read_in_place(tok: Tokenizer, tmp_path: Path, monkeypatch) -> None:
+    """from_cache(URL) reads tokens.bin by byte ranges (only the batch's rows) and serves the local
+    memmap's batches (concatenated and line_by_line, with a validation split); save_cache(URL) uploads
+    one, meta.json last; tokenizer files load by URL; a URL that is not a complete cache (no meta, cut
+    tokens, not a cache) names the URL, what is wrong and the fix, and nothing is written."""
+    import uuid
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    import gpt2_flax.data.remote as remote
+    from gpt2_flax.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    monkeypatch.setenv("GPT2_FLAX_CACHE", str(tmp_path / "home"))  # where a URL cache's packing goes
+    rng = random.Random(7)
+    (src := tmp_path / "a.txt").write_text("".join(rng.choice(LINES) + "\n" for _ in range(300)), "utf-8")
+    fs, bucket = fsspec.filesystem("memory"), f"bkt-{uuid.uuid4().hex[:8]}"
+    uploads: list[str] = []
+    real_copy = token_cache.copy_file
+    monkeypatch.setattr(token_cache, "copy_file", lambda a, b: uploads.append(str(b)) or real_copy(a, b))
+    for lbl in (False, True):
+        local = TokenDataset(src, tokenizer=tok, block_size=32, cache_dir=tmp_path / "c", line_by_line=lbl,
+                             validation_split=0.1)  # fmt: skip
+        saved = local.save_cache(tmp_path / f"saved-{lbl}")
+        uploaded = local.save_cache(f"memory://{bucket}/up-{lbl}")
+        assert uploads[-1].endswith("/meta.json")  # the commit marker goes last
+        with pytest.raises(FileExistsError, match=f"up-{lbl} already exists"):
+            local.save_cache(uploaded)
+        for url in (_to_memory_fs(saved), uploaded, f"file://{saved}"):
+            ds = TokenDataset.from_cache(url, block_size=32, validation_split=0.1)
+            assert isinstance(ds.tokens, remote.RemoteTokens) and ds.line_by_line == lbl
+            np.testing.assert_array_equal(np.asarray(ds.tokens), local.tokens)
+            for step in (0, 1, 5, 40):  # 40: past the first epoch
+                for key, value in local.get_batch(step, 8, seed=3).items():
+                    np.testing.assert_array_equal(ds.get_batch(step, 8, seed=3)[key], value)
+            pairs = zip(ds.validation.eval_batches(4), local.validation.eval_batches(4), strict=True)
+            for got, want in pairs:
+                assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got)
+    assert not any(".npy" in p and "pack" in p for p in fs.find(f"/{bucket}"))  # the bucket stays read-only
+    assert list((tmp_path / "home" / "remote-packing").glob("*/pack1-*.rows.npy"))
+    reads: list[tuple[list[int], list[int]]] = []
+    real_ranges = MemoryFileSystem.cat_ranges
+    spy = lambda self, p, s, e, **k: reads.append((s, e)) or real_ranges(self, p, s, e, **k)
+    monkeypatch.setattr(MemoryFileSystem, "cat_ranges", spy)
+    monkeypatch.setattr(remote, "MERGE_GAP", 0)  # (the file is small: every row would be one read)
+    concat = TokenDataset.from_cache(f"memory://{bucket}/up-False", block_size=32)
+    concat.get_batch(2, 8)
+    ((starts, ends),) = reads  # one call for the batch, only its 8 windows of 33 tokens (2 bytes each)
+    assert len(starts) <= 8 and sum(e - s for s, e in zip(starts, ends, strict=True)) <= 8 * 33 * 2
+    # Tokenizer files by URL: the same tokenizer; a missing one names the URL.
+    tok_url = f"memory://{bucket}/up-False/tokenizer.json"
+    assert tokenizer_fingerprint(load_tokenizer(tokenizer_file=tok_url)) == tokenizer_fingerprint(tok)
+    tok.model.save(str(tmp_path))  # vocab.json, merges.txt
+    pair = {n: f"memory://{bucket}/{n}" for n in ("vocab.json", "merges.txt")}
+    for name, url in pair.items():
+        fs.pipe(url[len("memory:/") :], (tmp_path / name).read_bytes())
+    by_url = load_tokenizer(vocab_file=pair["vocab.json"], merges_file=pair["merges.txt"])
+    by_path = load_tokenizer(vocab_file=tmp_path / "vocab.json", merges_file=tmp_path / "merges.txt")
+    assert tokenizer_fingerprint(by_url) == tokenizer_fingerprint(by_path)
+    with pytest.raises(FileNotFoundError, match=f"Tokenizer file memory://{bucket}/no.json does not exist"):
+        load_tokenizer(tokenizer_file=f"memory://{bucket}/no.json")
+    with pytest.raises(FileNotFoundError, match=f"merges_file memory://{bucket}/no.txt does not exist"):
+        load_tokenizer(vocab_file=pair["vocab.json"], merges_file=f"memory://{bucket}/no.txt")
+    with pytest.raises(ValueError, match="Cannot read nosuch://b/t.json: Protocol not known"):
+        load_tokenizer(tokenizer_file="nosuch://b/t.json")
+    # `gpt2-flax encode --tokenizer-file URL --output URL` (encode_main): the same tokens, uploaded.
+    opts = EncodingOptions(progress=False)
+    summary = encode_main(src, tokenizer_file=tok_url, cache_dir=tmp_path / "c", output=f"memory://{bucket}/enc",
+                          encoding=opts)  # fmt: skip
+    enc = TokenDataset.from_cache(summary["saved"], block_size=32)
+    np.testing.assert_array_equal(np.asarray(enc.tokens), np.asarray(concat.tokens))
+    # Bad caches: each says what is wrong; nothing is written anywhere.
+    up = f"/{bucket}/up-False"
+    fs.pipe(f"/{bucket}/text/a.txt", b"just text")
+    fs.pipe(f"/{bucket}/cut/meta.json", fs.cat(f"{up}/meta.json"))
+    fs.pipe(f"/{bucket}/cut/tokens.bin", fs.cat(f"{up}/tokens.bin")[:-2])
+    fs.pipe(f"/{bucket}/nometa/tokens.bin", fs.cat(f"{up}/tokens.bin"))
+    fs.pipe(f"/{bucket}/badmeta/meta.json", b'{"num_tokens": 3')
+    before, packing = fs.find(f"/{bucket}"), sorted((tmp_path / "home").rglob("*"))
+    size = len(fs.cat(f"{up}/tokens.bin"))
+    for name, why in (("text", "it has no meta.json"), ("nometa", "it has no meta.json"),
+                      ("cut", f"its tokens.bin holds {size - 2} bytes, but meta.json says {size}"),
+                      ("badmeta", "its meta.json cannot be read")):  # fmt: skip
+        with pytest.raises(FileNotFoundError, match=f"memory://{bucket}/{name} is not a complete token cache"
+                           f" .*: {why}.*Fix: write one with TokenDataset.save_cache"):  # fmt: skip
+            TokenDataset.from_cache(f"memory://{bucket}/{name}")
+    assert fs.find(f"/{bucket}") == before and sorted((tmp_path / "home").rglob("*")) == packing
+    fs.pipe(f"{up}/tokens.bin", fs.cat(f"{up}/tokens.bin")[:40])  # replaced after the dataset opened it
+    with pytest.raises(ValueError, match=f"Token file memory://{bucket}/up-False/tokens.bin is shorter"):
+        concat.get_batch(3, 8)
+
+
 def test_encode_main_builds_and_saves(tok: Tokenizer, tmp_path: Path) -> None:
     (tmp_path / "tok.json").write_text(tok.to_str(), encoding="utf-8")
     (tmp_path / "a.txt").write_text("\n".join(LINES), encoding="utf-8")
@@ -405,10 +497,12 @@ def test_bad_remote_inputs_name_the_problem_and_the_fix(tok: Tokenizer, tmp_path
         TokenDataset("memory://no-bucket/*.txt", **kw)
     (tmp_path / "ok.txt").write_text("fine text here, fine text", encoding="utf-8")
     with pytest.raises(
-        ValueError, match="is a URL, but a token cache is memory-mapped.*keep the cache local"
+        ValueError,
+        match="is a URL, but the token cache that encoding builds.*keep data.cache_dir local.*"
+        "--output memory://bkt/cache.*--data.from_cache=memory://bkt/cache",
     ):
         TokenDataset(tmp_path / "ok.txt", **{**kw, "cache_dir": "memory://bkt/cache"})
-    with pytest.raises(ValueError, match="is a URL, but a token cache is memory-mapped"):
+    with pytest.raises(FileNotFoundError, match="memory://bkt/saved is not a complete .*no meta.json"):
         TokenDataset.from_cache("memory://bkt/saved")
     assert not (tmp_path / "c").exists()
     (tmp_path / "rows").mkdir()

@@ -3,7 +3,7 @@
 The modules, in the order text flows through them:
 
     sources.py   reading inputs: file globbing, text / CSV / JSONL / Parquet / datasets, text hygiene
-    remote.py    inputs by URL (gs://, any fsspec protocol): expanded, opened and read by byte ranges
+    remote.py    inputs and saved token caches by URL (gs://, any fsspec protocol): read by byte ranges
     encoding.py  EncodingOptions (every encoding setting in one frozen object), the `datasets.map`
                  encoders that turn sources into token ids, and the same texts streamed for
                  train_tokenizer (iter_texts)

@@ -6,7 +6,9 @@ uint32) plus meta.json (and doc_offsets.npy in line_by_line mode), in `<cache_di
 hashes the tokenizer, the inputs and the token-changing encoding options (EncodingOptions.cache_key).
 The folder is built under a temporary name and renamed when complete, so a reader never sees half a
 cache. save_cache_folder / encode_main copy an entry (with its tokenizer) to a folder of the user's
-choosing for TokenDataset.from_cache.
+choosing for TokenDataset.from_cache: a local one (written under a temporary name, renamed when
+complete) or a URL (gs://..., one upload per file, meta.json last: a reader that finds meta.json
+finds the rest). The build cache itself (cache_dir=) stays local (remote.local_folder says why).
 
 CHUNK_CHARS, PIECE_CHARS, _encode_batch and encode_stream are looked up here at call time, so tests
 that shrink or wrap them patch this module.
@@ -30,7 +32,18 @@ from tokenizers import Tokenizer
 
 from gpt2_flax.data import multihost
 from gpt2_flax.data.encoding import Encoder, EncodingOptions, encode_stream, warn_replaced
-from gpt2_flax.data.remote import file_info, file_sha256, local_folder
+from gpt2_flax.data.remote import (
+    Location,
+    copy_file,
+    file_info,
+    file_sha256,
+    filesystem,
+    is_file,
+    is_url,
+    join,
+    local_folder,
+    read_all,
+)
 from gpt2_flax.data.sources import PathLike, resolve_sources
 from gpt2_flax.errors import DataError
 from gpt2_flax.tokenizer import eos_token_id, load_tokenizer, tokenizer_fingerprint
@@ -71,20 +84,35 @@ def make_encoder(tok: Tokenizer, options: EncodingOptions) -> Encoder:
 # ----------------------------------------------------------------------------- the token cache
 
 
-def read_cache(entry: Path, identity: dict | None = None) -> dict | None:
-    """The metadata of a complete cache folder (that matches `identity` if given), else None."""
-    try:
-        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
-        size = (entry / "tokens.bin").stat().st_size
-    except (OSError, ValueError):
-        return None
-    if identity is not None and {k: meta.get(k) for k in identity} != identity:
-        return None
-    if size != meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize:
-        return None
-    if meta["options"]["line_by_line"] and not (entry / "doc_offsets.npy").is_file():
+def read_cache(entry: Location, identity: dict | None = None) -> dict | None:
+    """The metadata of a complete cache folder, local or a URL (matching `identity` if given), else None."""
+    meta, _ = check_cache(entry)
+    if meta is None or (identity is not None and {k: meta.get(k) for k in identity} != identity):
         return None
     return meta
+
+
+def check_cache(entry: Location) -> tuple[dict | None, str]:
+    """(metadata, "") of a complete cache folder, else (None, what is wrong with it)."""
+    try:
+        meta = json.loads(read_all(join(entry, "meta.json"), "meta.json"))
+    except FileNotFoundError:
+        return None, "it has no meta.json (not a token cache, or an upload that has not finished)"
+    except (OSError, ValueError) as e:
+        return None, f"its meta.json cannot be read ({e})"
+    try:
+        size = file_info(join(entry, "tokens.bin"))["size"]
+        want = int(meta["num_tokens"]) * np.dtype(meta["dtype"]).itemsize
+        line_by_line = bool(meta["options"]["line_by_line"])
+    except OSError:
+        return None, "it has meta.json but no tokens.bin"
+    except (KeyError, TypeError, ValueError) as e:
+        return None, f"its meta.json is not a token cache's (no valid {e})"
+    if size != want:
+        return None, f"its tokens.bin holds {size} bytes, but meta.json says {want} (cut short, or replaced)"
+    if line_by_line and not is_file(join(entry, "doc_offsets.npy")):
+        return None, "it is a line_by_line cache without doc_offsets.npy"
+    return meta, ""
 
 
 def _write_offsets(lengths_file: Path, out: Path, num_documents: int) -> None:
@@ -118,10 +146,10 @@ def _publish(work: Path, entry: Path, identity: dict, meta: dict) -> None:
             os.rename(done, entry)
 
 
-def cache_digest(entry: Path, meta: dict) -> str:
+def cache_digest(entry: Location, meta: dict) -> str:
     """What a cache holds, wherever it is: its tokens (sha256), tokenizer and options; not the
     paths and mtimes that key it, so two hosts' copies of the same data agree."""
-    tokens = meta.get("tokens_sha256") or file_sha256(entry / "tokens.bin")  # (caches built before it)
+    tokens = meta.get("tokens_sha256") or file_sha256(join(entry, "tokens.bin"))  # (caches built before it)
     return hashlib.sha256(json.dumps([tokens, meta["tokenizer"], meta["options"]]).encode()).hexdigest()
 
 
@@ -194,23 +222,44 @@ def encode_sources(
     return (sources, *build_token_cache(tokenizer, sources, cache_dir, options))
 
 
-def save_cache_folder(entry: Path, tokenizer: Tokenizer, path: PathLike) -> Path:
-    """Copy a cache folder's tokens and metadata, plus the tokenizer, into the new folder `path`."""
+CACHE_FILES = ("tokens.bin", "doc_offsets.npy", "meta.json")  # meta.json last: the commit marker
+
+
+def save_cache_folder(entry: Location, tokenizer: Tokenizer, path: PathLike) -> Location:
+    """Copy a cache folder's tokens and metadata, plus the tokenizer, into the new folder `path`
+    (a local folder, or a URL: see _upload_cache)."""
+    if is_url(str(path)):
+        return _upload_cache(entry, tokenizer, str(path))
     dest = Path(path).expanduser()
     if dest.exists():
         raise FileExistsError(f"{dest} already exists: choose a new folder or delete it first.")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
     try:
-        for name in ("tokens.bin", "doc_offsets.npy", "meta.json"):
-            if (entry / name).is_file():
-                shutil.copyfile(entry / name, tmp / name)
+        for name in CACHE_FILES:
+            if is_file(join(entry, name)):
+                copy_file(join(entry, name), tmp / name)
         (tmp / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
         os.chmod(tmp, 0o755)
         os.rename(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _upload_cache(entry: Location, tokenizer: Tokenizer, url: str) -> str:
+    """save_cache_folder to a URL: an object store has no folder rename, so each file is one upload
+    (visible only once complete) and meta.json goes last: check_cache calls a folder without it "not
+    a cache (or an upload that has not finished)", so no reader takes a half-uploaded one."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        raise FileExistsError(f"{url} already exists: choose a new folder or delete it first.")
+    url = url.rstrip("/")
+    fs.pipe_file(f"{path.rstrip('/')}/tokenizer.json", tokenizer.to_str().encode("utf-8"))
+    for name in CACHE_FILES:
+        if is_file(join(entry, name)):
+            copy_file(join(entry, name), f"{url}/{name}")
+    return url
 
 
 def encode_main(

@@ -4,7 +4,8 @@ Encoding (cache.py; sources.py reads the inputs): every document becomes its tok
 `<|endoftext|>` (line_by_line: `<|endoftext|> text <|endoftext|>`), all concatenated into one token file
 (uint16 when the vocab has < 65536 entries, else uint32) plus JSON metadata, in a cache folder keyed by
 the tokenizer, the inputs and the token-changing encoding options. The file is memory-mapped, so
-corpora larger than RAM work and every process of a multi-host job can open the same cache.
+corpora larger than RAM work and every process of a multi-host job can open the same cache; a saved
+cache on a URL (from_cache("gs://...")) is read in place by byte ranges instead (remote.RemoteTokens).
 
 Batches are a pure function of (seed, step, process index), so resuming needs only the step number:
 - concatenated (default): windows of block_size + 1 tokens cut at multiples of block_size.
@@ -20,6 +21,8 @@ it in the flow are listed in the package docstring (gpt2_flax/data/__init__.py).
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,10 +31,16 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gpt2_flax.data import multihost
-from gpt2_flax.data.cache import cache_digest, encode_sources, read_cache, save_cache_folder
+from gpt2_flax.data.cache import (
+    cache_digest,
+    check_cache,
+    default_cache_dir,
+    encode_sources,
+    save_cache_folder,
+)
 from gpt2_flax.data.encoding import EncodingOptions, choose_options
 from gpt2_flax.data.packing import DocumentRows
-from gpt2_flax.data.remote import local_folder
+from gpt2_flax.data.remote import Location, RemoteTokens, is_url, join, read_all
 from gpt2_flax.data.rows import MixedRows, PackedRows, Rows
 from gpt2_flax.data.sources import PathLike
 from gpt2_flax.data.stream import mixed_parts
@@ -179,7 +188,7 @@ class TokenDataset(_Dataset):
 
     def _open(
         self,
-        entry: Path,
+        entry: Location,
         meta: dict,
         tokenizer: Tokenizer,
         block_size: int,
@@ -191,15 +200,19 @@ class TokenDataset(_Dataset):
         self.long_documents, self.validation_split = long_documents, validation_split
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.eos_token_id = eos_token_id(tokenizer)
-        self.cache_entry, self.cache_path, self.meta = entry, entry / "tokens.bin", meta
+        self.cache_entry, self.cache_path, self.meta = entry, join(entry, "tokens.bin"), meta
         self.num_documents = int(meta["num_documents"])
-        self.tokens = np.memmap(self.cache_path, dtype=np.dtype(meta["dtype"]), mode="r")
+        if is_url(self.cache_path):  # read in place, a few ranged reads per batch
+            self.tokens: Any = RemoteTokens(str(self.cache_path), meta["dtype"], meta["num_tokens"])
+        else:
+            self.tokens = np.memmap(self.cache_path, dtype=np.dtype(meta["dtype"]), mode="r")
         self.num_tokens = int(self.tokens.shape[0])
         self.validation: TokenDataset | None = None
         if self.line_by_line:
-            offsets = np.load(entry / "doc_offsets.npy", mmap_mode="r")
+            offsets = _doc_offsets(entry)
             train, val = _holdout(self.num_documents, validation_split, "documents")
-            stem = entry / f"pack1-b{block_size}-{long_documents}-v{validation_split}"  # 1: packing version
+            name = f"pack1-b{block_size}-{long_documents}-v{validation_split}"  # 1: packing version
+            stem = _packing_folder(entry, meta) / name
             args = (self.tokens, offsets, block_size)
             self.rows = DocumentRows(*args, train, long_documents, Path(f"{stem}-train"))
             if val is not None:
@@ -221,9 +234,10 @@ class TokenDataset(_Dataset):
         view.rows, view.validation = rows, None
         return view
 
-    def save_cache(self, path: PathLike) -> Path:
-        """Copy the encoded tokens, metadata and tokenizer into a new folder `path`;
-        `TokenDataset.from_cache(path)` loads it (on any machine) without re-encoding."""
+    def save_cache(self, path: PathLike) -> Location:
+        """Copy the encoded tokens, metadata and tokenizer into a new folder `path` (local, or a URL
+        such as gs://bucket/cache: uploaded, meta.json last); `TokenDataset.from_cache(path)` loads
+        it (on any machine, a URL in place) without re-encoding."""
         return save_cache_folder(self.cache_entry, self.tokenizer, path)
 
     @classmethod
@@ -239,20 +253,20 @@ class TokenDataset(_Dataset):
         long_documents: str = "split",
         validation_split: float = 0.0,
     ) -> TokenDataset:
-        """Load a folder written by save_cache (or a cache folder); the tokenizer defaults to the one
-        saved with it, and any tokenizer given must be the one the tokens were encoded with."""
-        local_folder(path, "The token cache")  # memory-mapped: a local (or mounted) disk only
-        entry = Path(path).expanduser()
-        meta = read_cache(entry)
+        """Load a folder written by save_cache (or a cache folder), local or a URL (gs://..., any
+        fsspec protocol: read in place by byte ranges); the tokenizer defaults to the one saved with
+        it, and any tokenizer given must be the one the tokens were encoded with."""
+        entry: Location = str(path).rstrip("/") if is_url(str(path)) else Path(path).expanduser()
+        meta, problem = check_cache(entry)
         if meta is None:
             raise FileNotFoundError(
-                f"{entry} is not a complete token cache (tokens.bin + meta.json): write one with "
-                "TokenDataset.save_cache(path) or `gpt2-flax encode --output`."
+                f"{entry} is not a complete token cache (tokens.bin + meta.json): {problem}. Fix: write "
+                "one with TokenDataset.save_cache(path) or `gpt2-flax encode FILES --output PATH`."
             )
         if tokenizer is None and (vocab_file or merges_file or tokenizer_file):
             tokenizer = load_tokenizer(vocab_file, merges_file, tokenizer_file)
         if tokenizer is None:
-            tokenizer = load_tokenizer(tokenizer_file=entry / "tokenizer.json")
+            tokenizer = load_tokenizer(tokenizer_file=join(entry, "tokenizer.json"))
         if (fp := tokenizer_fingerprint(tokenizer)) != meta["tokenizer"]:
             fix = "pass the tokenizer it was built with (its tokenizer.json is in the folder) or re-encode"
             raise DataError(
@@ -278,6 +292,28 @@ class TokenDataset(_Dataset):
             "cache": repr(str(self.cache_path)),
         }
         return f"TokenDataset({', '.join(f'{k}={v}' for k, v in fields.items())})"
+
+
+def _doc_offsets(entry: Location) -> np.ndarray:
+    """doc_offsets.npy: memory-mapped when local; read whole from a URL (8 bytes a document)."""
+    path = join(entry, "doc_offsets.npy")
+    if not is_url(path):
+        return np.load(path, mmap_mode="r")
+    return np.load(io.BytesIO(read_all(path, "doc_offsets.npy")))
+
+
+def _packing_folder(entry: Location, meta: dict) -> Path:
+    """Where the line_by_line packing index goes: next to a local token file; for a URL cache, in a
+    local folder keyed by the URL and its tokens (the bucket stays read-only to training)."""
+    if not is_url(entry):
+        return Path(entry)
+    key = hashlib.sha256(f"{entry}\n{meta.get('tokens_sha256')}".encode()).hexdigest()[:24]
+    folder = default_cache_dir() / "remote-packing" / key
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no local cache dir: DocumentRows keeps the packing in memory only
+        pass
+    return folder
 
 
 # ----------------------------------------------------------------------------- mixing

@@ -147,10 +147,12 @@ class DocumentRows(Rows):
         c = np.repeat(col0, length) + pos
         src = np.repeat(start, length) + pos
         last = pos == np.repeat(length - 1, length)
-        nxt = np.asarray(self.tokens[np.minimum(src + 1, self.tokens.shape[0] - 1)], np.int32)
+        # Each token and the next in one read (a URL cache: one cat_ranges call per batch, not two).
+        both = np.stack([src, np.minimum(src + 1, self.tokens.shape[0] - 1)])
+        cur, nxt = np.asarray(self.tokens[both], np.int32)
         out = {k: np.zeros((n, width), np.int32) for k in ("input_ids", "segment_ids", "positions")}
         out["labels"] = np.full((n, width), -1, np.int32)
-        out["input_ids"][r, c] = self.tokens[src]
+        out["input_ids"][r, c] = cur
         out["labels"][r, c] = np.where(last, -1, nxt)
         out["segment_ids"][r, c] = np.repeat(np.arange(piece.size) - np.repeat(row_base, count) + 1, length)
         out["positions"][r, c] = pos
