@@ -349,8 +349,8 @@ def test_a_saved_cache_on_a_url_is_read_in_place(tok: Tokenizer, tmp_path: Path,
         load_tokenizer(tokenizer_file="nosuch://b/t.json")
     # `gpt2-flax encode --tokenizer-file URL --output URL` (encode_main): the same tokens, uploaded.
     opts = EncodingOptions(progress=False)
-    summary = encode_main(src, tokenizer_file=tok_url, cache_dir=tmp_path / "c", output=f"memory://{bucket}/enc",
-                          encoding=opts)  # fmt: skip
+    out = f"file://{tmp_path}/e/enc"  # (file://: its folders are made)
+    summary = encode_main(src, tokenizer_file=tok_url, cache_dir=tmp_path / "c", output=out, encoding=opts)
     enc = TokenDataset.from_cache(summary["saved"], block_size=32)
     np.testing.assert_array_equal(np.asarray(enc.tokens), np.asarray(concat.tokens))
     # Bad caches: each says what is wrong; nothing is written anywhere.

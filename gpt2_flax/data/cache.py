@@ -16,6 +16,7 @@ that shrink or wrap them patch this module.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -251,14 +252,23 @@ def _upload_cache(entry: Location, tokenizer: Tokenizer, url: str) -> str:
     """save_cache_folder to a URL: an object store has no folder rename, so each file is one upload
     (visible only once complete) and meta.json goes last: check_cache calls a folder without it "not
     a cache (or an upload that has not finished)", so no reader takes a half-uploaded one."""
+    from fsspec.implementations.local import LocalFileSystem  # (fsspec: imported only for URLs)
+
     fs, path = filesystem(url)
     if fs.exists(path):
         raise FileExistsError(f"{url} already exists: choose a new folder or delete it first.")
     url = url.rstrip("/")
-    fs.pipe_file(f"{path.rstrip('/')}/tokenizer.json", tokenizer.to_str().encode("utf-8"))
-    for name in CACHE_FILES:
-        if is_file(join(entry, name)):
-            copy_file(join(entry, name), f"{url}/{name}")
+    try:
+        if isinstance(fs, LocalFileSystem):  # (file://: folders are real; object stores have none to make)
+            fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(f"{path.rstrip('/')}/tokenizer.json", tokenizer.to_str().encode("utf-8"))
+        for name in CACHE_FILES:
+            if is_file(join(entry, name)):
+                copy_file(join(entry, name), f"{url}/{name}")
+    except BaseException:  # a failed upload leaves nothing behind (it would block the retry)
+        with contextlib.suppress(Exception):
+            fs.rm(path, recursive=True)
+        raise
     return url
 
 
