@@ -62,7 +62,9 @@ def train_command(args: argparse.Namespace) -> list[str]:
         cmd.append("--distributed")
     if args.data_files:
         # gs:// data is read in place, by byte ranges, on every worker; the token cache each worker
-        # builds (or, with a shared cache folder, process 0 builds) stays on local disk.
+        # builds (or, with a shared cache folder, process 0 builds) stays on local disk. A cache saved
+        # once to gs:// (`gpt2-flax encode ... --output gs://...`) is read in place too: pass
+        # `-- --data.from_cache=gs://...` instead of --data-files.
         cmd.append(f"--data.files={args.data_files}")
     return [*cmd, f"--train.output_dir={args.output}", *args.overrides]
 
