@@ -260,7 +260,7 @@ _split_layers = jax.jit(split_layers)
 # XLA:CPU's default copy insertion copied every per-layer cache buffer twice per token inside the
 # decode loop (a dot reads it, a dynamic-update-slice writes it); its region analysis sees that
 # the reads come first and copies nothing (seed model, batch 8: 32 -> 0 copies of (8, 8, 256, 32)
-# per token). Scoped to the generation program: training compiles with the defaults.
+# per token). Scoped to generation programs on CPU: training compiles with the defaults.
 _CPU_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
@@ -370,7 +370,8 @@ class Generator:
             t0 = time.perf_counter()
             with jax.set_mesh(mesh):  # traced under the mesh: the model's constraints apply
                 lowered = jitted.lower(params, layers, *_place(r, s, mesh))
-                self._programs[key] = lowered.compile(_CPU_OPTIONS)
+                on_cpu = mesh.devices.flat[0].platform == "cpu"
+                self._programs[key] = lowered.compile(_CPU_OPTIONS if on_cpu else None)
             self.compile_seconds += time.perf_counter() - t0
             self.compilations += 1
         return self._programs[key], mesh

@@ -433,9 +433,9 @@ class GPT2LMHeadModel(nnx.Module):
         S, D), or L arrays of (B, H, S, D) for the per-layer decode."""
         c = self.config
         if per_layer:
-            shape = (batch, c.n_head, slots, c.n_embd // c.n_head)
-            zeros = lambda: constrain(jnp.zeros(shape, self.dtype), ("batch", "heads", None, None))
-            return KVCache(tuple(zeros() for _ in range(c.n_layer)), tuple(zeros() for _ in range(c.n_layer)))
+            zeros = jnp.zeros((batch, c.n_head, slots, c.n_embd // c.n_head), self.dtype)
+            zeros = constrain(zeros, ("batch", "heads", None, None))
+            return KVCache((zeros,) * c.n_layer, (zeros,) * c.n_layer)
         zeros = jnp.zeros((c.n_layer, batch, c.n_head, slots, c.n_embd // c.n_head), self.dtype)
         zeros = constrain(zeros, ("layers", "batch", "heads", None, None))
         return KVCache(zeros, zeros)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import small_tokenizer
+from helpers import small_tokenizer, snapshot
 from tokenizers import Tokenizer
 
 import gpt2_flax.data.cache as token_cache
@@ -486,6 +486,10 @@ def test_bad_remote_inputs_name_the_problem_and_the_fix(tok: Tokenizer, tmp_path
     from gpt2_flax import cli
 
     kw = {"tokenizer": tok, "block_size": 4, "cache_dir": tmp_path / "c"}
+    (tmp_path / "ok.txt").write_text("fine text here, fine text", encoding="utf-8")
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "header_only.csv").write_text("text\n", encoding="utf-8")
+    before = snapshot(tmp_path)
     if importlib.util.find_spec("gcsfs") is None:  # (installed with the [tpu] extra)
         with pytest.raises(ValueError, match=r"Cannot read gs://bkt/a.txt: .*gcsfs.*pip install gcsfs"):
             TokenDataset("gs://bkt/a.txt", **kw)
@@ -495,7 +499,6 @@ def test_bad_remote_inputs_name_the_problem_and_the_fix(tok: Tokenizer, tmp_path
         TokenDataset("memory://no-bucket/a.txt", **kw)
     with pytest.raises(FileNotFoundError, match="Glob 'memory://no-bucket/\\*.txt' matched no files"):
         TokenDataset("memory://no-bucket/*.txt", **kw)
-    (tmp_path / "ok.txt").write_text("fine text here, fine text", encoding="utf-8")
     with pytest.raises(
         ValueError,
         match="is a URL, but the token cache that encoding builds.*keep data.cache_dir local.*"
@@ -505,8 +508,6 @@ def test_bad_remote_inputs_name_the_problem_and_the_fix(tok: Tokenizer, tmp_path
     with pytest.raises(FileNotFoundError, match="memory://bkt/saved is not a complete .*no meta.json"):
         TokenDataset.from_cache("memory://bkt/saved")
     assert not (tmp_path / "c").exists()
-    (tmp_path / "rows").mkdir()
-    (tmp_path / "rows" / "header_only.csv").write_text("text\n", encoding="utf-8")
     with pytest.raises(ValueError, match="header_only.csv holds no text"):  # (checked while encoding)
         TokenDataset(_to_memory_fs(tmp_path / "rows") + "/header_only.csv", **kw)
     # The CLI: exit 2, the message, and no run folder.
@@ -515,3 +516,4 @@ def test_bad_remote_inputs_name_the_problem_and_the_fix(tok: Tokenizer, tmp_path
     assert cli.main(argv) == 2
     assert "memory://no-bucket/a.txt does not exist" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    assert snapshot(tmp_path) == before  # the user's files, byte for byte, and nothing added

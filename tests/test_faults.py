@@ -3,7 +3,6 @@ code 2), a message naming the problem, and that the folders involved are byte-fo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import snapshot
 
 from gpt2_flax import GPT2, ConfigError, TokenDataset, build_gpt2_config
 from gpt2_flax.config import Config
@@ -23,15 +23,6 @@ from gpt2_flax.run_dir import LOCK_FILE, RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = dict(batch_size=16, log_every=2, save_every=4, progress=False)
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder` (and the folder's file list): what must not change."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

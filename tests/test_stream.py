@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from helpers import RESUME_TRAIN
+from helpers import RESUME_TRAIN, snapshot
 from safetensors.numpy import load_file
 
 from gpt2_flax import GPT2, StreamingDataset, TokenDataset, load_tokenizer, merge_datasets, train_tokenizer
@@ -135,6 +135,7 @@ def test_stream_mixture_is_deterministic_and_follows_the_weights(docs, tok, data
 
 
 def test_stream_refusals_name_the_fix(docs, tok, tmp_path) -> None:
+    before = snapshot(tmp_path)
     with pytest.raises(DataError, match="StreamingDataset"):
         TokenDataset(_stream(docs), tokenizer=tok, cache_dir=tmp_path / "c")
     with pytest.raises(DataError, match="tokenizer up front"):
@@ -146,6 +147,7 @@ def test_stream_refusals_name_the_fix(docs, tok, tmp_path) -> None:
     with pytest.raises(DataError, match="eval_batches"):
         StreamingDataset(_stream(docs), tokenizer=tok).eval_batches(8, None, 0, 2)
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -161,10 +163,12 @@ def test_cli_refuses_streaming_options_that_cannot_work(tmp_path, capsys, option
     run.mkdir()
     (run / "keep.txt").write_text("mine")
     args = ["train", "--config", str(ROOT / "configs/tiny.yaml"), "--data", "hub:nosuch/dataset"]
+    before = snapshot(tmp_path)
     assert cli_main([*args, "--data.streaming=true", option, "--output-dir", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"data.streaming=true cannot be used with data.{message}" in err
     assert sorted(p.name for p in run.iterdir()) == ["keep.txt"]
+    assert snapshot(tmp_path) == before
 
 
 def test_cli_streams_local_jsonl_with_a_tokenizer_from_its_prefix(docs, tmp_path, monkeypatch) -> None:
