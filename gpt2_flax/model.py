@@ -490,8 +490,11 @@ class GPT2LMHeadModel(nnx.Module):
             x, (k_new, v_new) = scan(x, self.h, cache.k, cache.v)  # new k, v: (L, B, H, T, D)
             at = (0, 0, 0, index, 0)
             cache = KVCache(write(cache.k, k_new, at), write(cache.v, v_new, at))
-        last = x.reshape(b, t, -1)[:, -1]  # (B, C): only the last token's logits are sampled from
-        return self._logits(self.ln_f(last)), cache
+        last = self.ln_f(x.reshape(b, t, -1)[:, -1])  # (B, C): only the last token's logits are sampled
+        # Here the few logits are cut, not the weight: XLA:CPU copied wte[:V] every token (GPT-2 124M:
+        # a 154 MB copy per token; the logits are (B, V')).
+        wte = self.wte.embedding[...].astype(last.dtype)
+        return jnp.dot(last, wte.T, preferred_element_type=jnp.float32)[:, : self.vocab_size], cache
 
     def _blocks(self, x: Array, masking: Masking, shape: tuple[int, int], keys: Array | None) -> Array:
         def body(x: Array, block: Block, layer_keys: Array | None) -> Array:
