@@ -271,6 +271,10 @@ class TrainConfig:
     # Resume the run in output_dir although its data changed (run.json records the old data); the
     # data position is the step's, in the new data.
     resume_with_new_data: bool = False
+    # Take over output_dir's lock although its holder looks alive: only when that run is surely gone
+    # (tpu_scripts pass it after stopping the old trainer or recreating its VM). A lock goes stale by
+    # itself when its pid ended on this host, or 10 minutes after its last renewal.
+    take_over_lock: bool = False
     # Peak FLOP/s of one chip (of one host on CPUs) for the MFU shown and logged; 0 = the table of
     # known TPUs/GPUs in metrics.py, or a measured matmul rate on CPUs.
     peak_flops: float = 0.0

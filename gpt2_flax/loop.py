@@ -18,6 +18,7 @@ from etils import epath
 
 from gpt2_flax.checkpoint import Checkpointer, TrainingError, state_bytes, trim_metrics
 from gpt2_flax.config import Config, TrainConfig
+from gpt2_flax.errors import CheckpointError
 from gpt2_flax.metrics import (
     MetricsLogger,
     WandbRun,
@@ -105,8 +106,10 @@ def fit(
         if start:
             logger.write(f"gpt2-flax: resuming from checkpoint step {start} in {ckpt.directory}")
         with StopRequest() as stop, jax.set_mesh(p.mesh):  # every jitted call traces under the mesh
-            state, history, stopped = _loop(_Run(p, dataset, tc, ckpt, logger, stop, sample_fn), state)
+            run = _Run(p, dataset, tc, ckpt, logger, stop, sample_fn, run_dir)
+            state, history, stopped = _loop(run, state)
         final = int(jax.device_get(state.step))
+        _still_ours(run_dir)
         _save(p, ckpt, final, state, force=True)
         ckpt.wait()  # the last checkpoint is complete before we return (or the process exits)
         logger.write(logger.summary())
@@ -138,7 +141,7 @@ def _open_run_dir(
     from gpt2_flax.convert import check_export_target
     from gpt2_flax.tokenizer import tokenizer_fingerprint
 
-    run_dir = RunDir(cfg.train.output_dir, overwrite=overwrite)
+    run_dir = RunDir(cfg.train.output_dir, overwrite=overwrite, take_over=cfg.train.take_over_lock)
     data = data_identity(dataset)
     writer = jax.process_index() == 0
     refused = None
@@ -208,6 +211,7 @@ class _Run:
     logger: MetricsLogger
     stop: StopRequest
     sample_fn: Callable[[Any, int], list[str]] | None
+    run_dir: RunDir
 
 
 def _loop(run: _Run, state: TrainState) -> tuple[TrainState, list[dict[str, Any]], bool]:
@@ -258,6 +262,7 @@ def _steps(
             timed_save = _time_to_save(tc, last_save)
         if done < end and (timed_save or (tc.save_every and done % tc.save_every == 0)):
             _check_finite(pending, done)  # never checkpoint a NaN state
+            _still_ours(run.run_dir)
             _save(p, run.ckpt, done, state)
             last_save = time.monotonic()
         if run.sample_fn is not None and tc.generate_every and done % tc.generate_every == 0:
@@ -301,6 +306,17 @@ def _time_to_save(tc: TrainConfig, last_save: float) -> bool:
 
         due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
     return due
+
+
+def _still_ours(run_dir: RunDir) -> None:
+    """Before a checkpoint: every process stops if process 0's lock renewal found the folder taken
+    over by another run (two writers would corrupt each other's checkpoints)."""
+    error = None
+    try:
+        run_dir.held()
+    except CheckpointError as e:
+        error = e
+    agree(error, "", "lost the output folder to another run")
 
 
 def _save(plan: Plan, ckpt: Checkpointer, step: int, state: TrainState, force: bool = False) -> None:

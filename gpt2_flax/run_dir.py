@@ -12,7 +12,7 @@ Layout (the checkpoints themselves are checkpoint.py's)::
     wandb/                W&B's own files (train.wandb_project); kept by --overwrite: an offline
                           run there may not be synced yet
     checkpoints/          Orbax steps
-    .gpt2_flax.lock       pid and host of the run writing here now
+    .gpt2_flax.lock       pid, host and lease of the run writing here now (lock.py)
 
 Every check runs before the first byte is written (`RunDir.check`), so a refused run leaves the
 folder exactly as it was. `RunDir.open` then takes the lock and writes run.json; `close` frees it.
@@ -25,8 +25,6 @@ import json
 import math
 import os
 import shutil
-import socket
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +32,11 @@ from typing import Any
 
 from gpt2_flax.config import Config, ModelConfig
 from gpt2_flax.errors import CheckpointError, spell
+from gpt2_flax.lock import LOCK_FILE, FolderLock, read_lock
 
-RUN_FILE, TOKENIZER_FILE, LOCK_FILE = "run.json", "run_tokenizer.json", ".gpt2_flax.lock"
+__all__ = ["LOCK_FILE", "RunDir", "read_lock"]  # the lock is lock.py's; info.py and tests read it here
+
+RUN_FILE, TOKENIZER_FILE = "run.json", "run_tokenizer.json"
 # An export's record of what it wrote (files and their sha256, lineage): convert.py writes it.
 MANIFEST = ".gpt2_flax_export.json"
 # What a run writes: the only names `--overwrite` removes (never anything else in the folder).
@@ -93,18 +94,19 @@ def checkpoint_steps(folder: Path | str) -> list[int]:
 
 @dataclass
 class RunDir:
-    """An output folder for one run. `remote` (gs://...) folders skip the local-only checks (lock,
-    free space); Orbax and the object store keep their writes atomic."""
+    """An output folder for one run. `remote` (gs://...) folders skip the local-only checks (writable,
+    free space); Orbax and the object store keep their writes atomic. Both kinds are locked (lock.py)."""
 
     path: Path
     overwrite: bool = False
+    take_over: bool = False  # train.take_over_lock: the holder of a live-looking lock is known to be gone
     run_id: str = ""
     notes: list[str] = field(default_factory=list)  # what the checks found worth saying (resume, ...)
-    _locked: bool = False
 
     def __post_init__(self) -> None:
         self.path = Path(self.path) if "://" not in str(self.path) else self.path
         self.remote = "://" in str(self.path)
+        self._lock = FolderLock(self.path)
 
     # ------------------------------------------------------------------ reading
     def previous(self) -> dict[str, Any] | None:
@@ -142,9 +144,11 @@ class RunDir:
         primary, which takes the lock, checks the lock: the others would find the primary's."""
         if not self.remote:
             self._check_writable()
-            if primary:
-                self._check_lock()
             self._check_room(cfg, checkpoint_bytes, export_bytes)
+        if primary:
+            note = self._lock.check(self.take_over)
+            if note:
+                self.notes.append(note)
         old = None if self.overwrite else self.previous()
         self.run_id = (old or {}).get("run_id") or uuid.uuid4().hex
         if old is not None:
@@ -161,23 +165,6 @@ class RunDir:
                 f"cannot write to output_dir {self.path} ({probe} is not a writable folder); "
                 "choose a writable folder"
             )
-
-    def _check_lock(self) -> None:
-        holder = read_lock(self.path)
-        if holder is None:
-            return
-        if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
-            self.notes.append(
-                f"gpt2-flax: {self.path / LOCK_FILE} was left by process {holder.get('pid')}, which has "
-                "ended (killed?); taking the folder over"
-            )
-            return
-        raise CheckpointError(
-            f"{self.path} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
-            f"since {holder.get('started')}); two runs in one folder would overwrite each other's "
-            f"checkpoints. Wait for it, use another output_dir, or, if that run is surely gone, delete "
-            f"{self.path / LOCK_FILE}"
-        )
 
     def _check_room(self, cfg: Config, checkpoint_bytes: int, export_bytes: int) -> None:
         if not checkpoint_bytes:
@@ -246,8 +233,7 @@ class RunDir:
 
         out = epath.Path(str(self.path))
         out.mkdir(parents=True, exist_ok=True)
-        if not self.remote:
-            self._lock()
+        self._lock.acquire()
         if self.overwrite:
             for name in RUN_OUTPUTS:
                 p = out / name
@@ -267,26 +253,13 @@ class RunDir:
         (out / RUN_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
         (out / TOKENIZER_FILE).write_text(tokenizer.to_str())
 
-    def _lock(self) -> None:
-        lock = self.path / LOCK_FILE
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        lock.unlink(missing_ok=True)  # a stale one (check() said so); a live one never gets here
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError as e:  # another run took it between check and now
-            raise CheckpointError(f"{self.path} was just taken by another run ({lock})") from e
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
-        self._locked = True
+    def held(self) -> None:
+        """Raises if another run took the folder over while this one trained (the lock's renewal
+        found its token): checked before every checkpoint."""
+        self._lock.held()
 
     def close(self) -> None:
-        if self._locked:
-            (self.path / LOCK_FILE).unlink(missing_ok=True)
-            self._locked = False
+        self._lock.release()
 
 
 def identity(cfg: Config, tokenizer_fingerprint: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -317,27 +290,6 @@ def _lora_identity(cfg: Config) -> dict[str, Any] | None:
         "base": str(cfg.model.init_from),
         "base_weights": weights or None,  # (a Hub id resolves to its cached snapshot's files)
     }
-
-
-def read_lock(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(folder) / LOCK_FILE).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError):
-        return {"pid": -1, "host": "?", "started": "?"}
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
 
 
 def _size(path: Path) -> int:

@@ -189,6 +189,37 @@ def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(
     assert not (run_copy / LOCK_FILE).exists()  # released at the end
 
 
+def test_a_run_whose_folder_is_taken_over_stops_before_its_next_checkpoint(
+    run_copy, tokenizer_files, vocab_size, dataset, monkeypatch
+):
+    # Another run takes the folder over (train.take_over_lock) while this one trains: the lock's
+    # next renewal finds its token, and the loop stops before the next save (on every process);
+    # the checkpoints so far stay, and the other run's lock is left alone.
+    from gpt2_flax import lock
+    from gpt2_flax.checkpoint import Checkpointer
+
+    taken: list[lock.FolderLock] = []
+    real_acquire, real_save = lock.FolderLock.acquire, Checkpointer.save
+
+    def acquire(self):
+        real_acquire(self)
+        taken.append(self)
+
+    def save_then_lose_the_folder(self, step, *args, **kwargs):
+        real_save(self, step, *args, **kwargs)
+        other = {**lock.read_lock(run_copy), "token": "another run's"}
+        (run_copy / LOCK_FILE).write_text(json.dumps(other))
+        taken[0].renew()  # what the renewal thread does every RENEW_S
+
+    monkeypatch.setattr(lock.FolderLock, "acquire", acquire)
+    monkeypatch.setattr(Checkpointer, "save", save_then_lose_the_folder)
+    with pytest.raises(CheckpointError, match=r"taken over by another run .*stops before writing"):
+        _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=16, output_dir=run_copy, **TRAIN)
+    steps = sorted(int(p.name) for p in (run_copy / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 12  # saved before the loss was found; the final one (16) was not
+    assert json.loads((run_copy / LOCK_FILE).read_text())["token"] == "another run's"
+
+
 def test_in_a_multi_process_run_only_the_primary_checks_the_lock(tmp_path):
     # Every process of a pod run checks the shared folder, but the lock is process 0's own: the
     # others must not read it as another run's (CI saw exactly that race).

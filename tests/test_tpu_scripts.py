@@ -352,7 +352,7 @@ def test_launch_single_host_local_output_and_data_replacing_a_trainer(gc):
     args = ["--config", gc.config, "--output", "run1", "--data-files", "data/*.txt", "--replace"]
     result = gc.run("launch", *args)
     assert result.returncode == 0, result.stderr
-    train = '"--data.files=data/*.txt" --train.output_dir=run1'
+    train = '"--data.files=data/*.txt" --train.output_dir=run1 --train.take_over_lock=true'
     assert gc.calls[1] == ssh(LAUNCH.format(replace=REPLACE, args=train))
     assert "lost if the VM is preempted" in result.stderr
 
@@ -406,6 +406,7 @@ def babysit_args(gc, *extra):
     ]
 
 
+GS_RUN_TAKEN_OVER = "--train.output_dir=gs://bkt/run --train.take_over_lock=true"
 RECREATE_VM = [
     vm("create", "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base", "--spot"),
     DESCRIBE_VM,
@@ -413,7 +414,8 @@ RECREATE_VM = [
     ssh(INSTALL + f'"./{WHEEL}[tpu]"'),
     ssh(DEVICE_CHECK),
     scp("{config}", "gpt2_flax_config.yaml"),
-    ssh(LAUNCH.format(replace="", args="--train.output_dir=gs://bkt/run")),
+    # the VM was recreated: its old trainer's lease on the gs:// folder is taken over
+    ssh(LAUNCH.format(replace="", args=GS_RUN_TAKEN_OVER)),
 ]
 
 
@@ -492,7 +494,8 @@ def test_babysit_relaunches_a_trainer_that_stopped(gc):
         ["storage", "ls", "--project=my-proj", "gs://bkt/run/checkpoints/"],
         scp(str(gc.config), "gpt2_flax_config.yaml"),
         # --replace semantics: a trainer left hanging on another worker is stopped first.
-        ssh(LAUNCH.format(replace=REPLACE, args="--train.output_dir=gs://bkt/run")),
+        # and it no longer holds the output folder's lock
+        ssh(LAUNCH.format(replace=REPLACE, args=GS_RUN_TAKEN_OVER)),
     ]
     assert not any(call[3] in ("create", "delete") for call in gc.calls if call[0] == "compute")
     assert re.search(

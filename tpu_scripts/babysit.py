@@ -52,7 +52,7 @@ def recreate(tpu: common.Tpu, args: argparse.Namespace, state: str) -> None:
         delete.delete(tpu)
     create.create(tpu, args)
     setup.setup(tpu, args)
-    launch.launch(tpu, args)
+    launch.launch(tpu, args, take_over=True)  # the old VM is gone, and its trainer with it
 
 
 def babysit(tpu: common.Tpu, args: argparse.Namespace) -> int:

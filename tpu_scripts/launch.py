@@ -55,7 +55,7 @@ def check_args(args: argparse.Namespace) -> None:
             )
 
 
-def train_command(args: argparse.Namespace) -> list[str]:
+def train_command(args: argparse.Namespace, take_over: bool = False) -> list[str]:
     cmd = [f"{common.REMOTE_VENV}/bin/gpt2-flax", "train", "--config", common.REMOTE_CONFIG]
     if common.hosts(args.accel_type) > 1:
         # jax.distributed.initialize() with no arguments: the TPU metadata names the peer hosts.
@@ -66,10 +66,20 @@ def train_command(args: argparse.Namespace) -> list[str]:
         # once to gs:// (`gpt2-flax encode ... --output gs://...`) is read in place too: pass
         # `-- --data.from_cache=gs://...` instead of --data-files.
         cmd.append(f"--data.files={args.data_files}")
-    return [*cmd, f"--train.output_dir={args.output}", *args.overrides]
+    cmd.append(f"--train.output_dir={args.output}")
+    if take_over:
+        # The old trainer was stopped here, or its VM was recreated: its lock on the output folder
+        # (for gs://, a lease it can no longer renew) is taken over instead of waiting 10 minutes.
+        cmd.append("--train.take_over_lock=true")
+    return [*cmd, *args.overrides]
 
 
-def launch(tpu: common.Tpu, args: argparse.Namespace, replace: bool = False) -> None:
+def launch(
+    tpu: common.Tpu, args: argparse.Namespace, replace: bool = False, take_over: bool | None = None
+) -> None:
+    """Starts the trainer on every worker; replace: stop one still running first. take_over (by
+    default = replace): the old trainer is known to be gone, so its output-folder lock is taken over."""
+    take_over = replace if take_over is None else take_over
     if not args.output.startswith("gs://"):
         common.log(
             f"warning: {args.output} is on the VM's disk; it is lost if the VM is preempted or deleted"
@@ -91,7 +101,8 @@ def launch(tpu: common.Tpu, args: argparse.Namespace, replace: bool = False) -> 
         'echo "gpt2_flax: training is already running on this worker (launch.py --replace stops it)" >&2; '
         "exit 1; fi",
         # setsid + nohup + closed stdin: the trainer survives the end of this ssh session.
-        f"setsid nohup {' '.join(map(common.quote, train_command(args)))} > {log_} 2>&1 < /dev/null & "
+        f"setsid nohup {' '.join(map(common.quote, train_command(args, take_over)))} "
+        f"> {log_} 2>&1 < /dev/null & "
         f"echo $! > {pid}",
     ]
     tpu.ssh("; ".join(steps))
