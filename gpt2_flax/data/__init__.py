@@ -2,7 +2,8 @@
 
 The modules, in the order text flows through them:
 
-    sources.py   reading inputs: file globbing, text / CSV / JSONL / Parquet / datasets, text hygiene
+    sources.py   reading inputs: file globbing, text files / lists / datasets, text hygiene
+    records.py   CSV / JSONL / Parquet inputs: the text column, record checks, loading the rows
     remote.py    inputs and saved token caches by URL (gs://, any fsspec protocol): read by byte ranges
     encoding.py  EncodingOptions (every encoding setting in one frozen object), the `datasets.map`
                  encoders that turn sources into token ids, and the same texts streamed for

@@ -28,15 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from gpt2_flax.data.records import check_records, load_rows, row_column
 from gpt2_flax.data.sources import (
     Source,
     check_file,
-    check_records,
     iter_pieces,
-    load_rows,
     normalize_newlines,
     read_range,
-    row_column,
     scan_text_file,
 )
 from gpt2_flax.errors import DataError, spell

@@ -8,7 +8,7 @@ host copies a whole file first. Local paths keep Python's own `open` (no fsspec 
 
 CSV / JSONL / Parquet URLs go to `datasets.load_dataset(..., streaming=True)`: the same parser reads
 them in place, and only their text column lands in Arrow files in the encoding's temporary folder,
-as it does for local ones (sources.load_rows).
+as it does for local ones (records.load_rows).
 
 A saved token cache on a URL (TokenDataset.from_cache("gs://...")) is read in place too: its
 meta.json (and doc_offsets.npy) whole, its tokens.bin through `RemoteTokens`, which each batch turns

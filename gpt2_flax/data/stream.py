@@ -40,8 +40,9 @@ from gpt2_flax.data import cache
 from gpt2_flax.data.encoding import EncodingOptions, choose_options, row_texts
 from gpt2_flax.data.encoding import _encode_texts as encode_texts
 from gpt2_flax.data.packing import DocumentRows
+from gpt2_flax.data.records import _pick_column
 from gpt2_flax.data.rows import EVAL_SEED, PackedRows, _pad_rows, _rows_per_process, prefetch
-from gpt2_flax.data.sources import PathLike, _pick_column, iter_pieces
+from gpt2_flax.data.sources import PathLike, iter_pieces
 from gpt2_flax.errors import DataError, spell
 from gpt2_flax.tokenizer import eos_token_id, load_tokenizer
 
