@@ -95,17 +95,34 @@ def test_shuffled_stream_and_resume_skip(docs, tok) -> None:
     assert not _same(other, full[0])
 
 
-def test_processes_get_disjoint_parts(docs, tok) -> None:
-    """Process p of 2 reads its own documents (datasets' split_dataset_by_node: whole shards when the
-    shard count divides by 2, else every other document), together all of them, each once."""
+def test_processes_get_disjoint_parts(docs, tok, monkeypatch) -> None:
+    """Process p of 2 reads its own text, together all of it, each piece once: whole shards when the
+    shard count divides by 2 (split_dataset_by_node), else every other piece, so that even a single
+    long document (one big text file, the seed page's input.txt) splits evenly."""
+
+    def texts(ds, p, n=2):
+        part, deal = ds._part(0, p, n, shuffle=False)
+        return [t for group, _ in ds._texts(part, deal) for t in group]
+
     for shards in (4, 3):
         ds = StreamingDataset(_stream(docs, shards), tokenizer=tok, block_size=BLOCK)
-        parts = [[r["text"] for r in ds._part(0, p, 2, shuffle=False)] for p in range(2)]
+        parts = [texts(ds, p) for p in range(2)]
         assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(docs)
         if shards == 3:
             assert parts[0] == docs[0::2] and parts[1] == docs[1::2]
         b0, b1 = (next(ds.iter_batches(16, process_index=p, process_count=2)) for p in range(2))
         assert b0["input_ids"].shape == b1["input_ids"].shape == (8, BLOCK) and not _same(b0, b1)
+    monkeypatch.setattr(cache, "CHUNK_CHARS", 1000)
+    book = "\n".join(docs)  # one document of ~30 pieces
+    ds = StreamingDataset(_stream([book], 1), tokenizer=tok, block_size=BLOCK)
+    whole, parts = texts(ds, 0, 1), [texts(ds, p) for p in range(2)]
+    assert len(whole) > 20 and parts == [whole[0::2], whole[1::2]]
+    b0, b1 = (next(ds.iter_batches(16, process_index=p, process_count=2)) for p in range(2))
+    assert not _same(b0, b1)
+    # Fewer pieces than processes: the error says why, and the way out.
+    ds = StreamingDataset(_stream([docs[0]], 1), tokenizer=tok, block_size=4)
+    with pytest.raises(DataError, match=r"for process 1 of 2: .*dealt to the processes in turn.*drop data"):
+        next(ds.iter_batches(2, process_index=1, process_count=2))
 
 
 def test_stream_mixture_is_deterministic_and_follows_the_weights(docs, tok, dataset) -> None:

@@ -2,8 +2,10 @@
 
 Nothing is cached and nothing is read before training starts, so a corpus larger than the disk
 (`hub:NAME` with data.streaming=true) trains as it arrives. The pipeline is datasets' own, not a
-hand-written one: `datasets.distributed.split_dataset_by_node` gives process p its part (whole shards
-when the shard count divides by process_count, else every process_count-th document), and
+hand-written one: `datasets.distributed.split_dataset_by_node` gives process p whole shards when the
+shard count divides by process_count; otherwise every process reads the stream and keeps every
+process_count-th piece of text (a document, or a ~1 MB piece of a long one: one big text file still
+splits evenly), and
 `IterableDataset.shuffle(seed, buffer_size)` / `set_epoch` the optional shuffle. The text of each
 batch of documents goes through the cache's own encoder (cache.make_encoder, encoding.encode_rows),
 and rows are cut by the cache's packing code: concatenated windows (PackedRows) or, line_by_line,
@@ -195,28 +197,44 @@ class StreamingDataset(StreamBatches):
 
     # ------------------------------------------------------------------------- rows
 
-    def _part(self, seed: int, process_index: int, process_count: int, shuffle: bool) -> Any:
+    def _part(
+        self, seed: int, process_index: int, process_count: int, shuffle: bool
+    ) -> tuple[Any, tuple[int, int] | None]:
+        """This process's stream, and how its texts are dealt: None when the stream is already its own
+        (one process, or whole shards per process: `split_dataset_by_node`, which then reads only its
+        shards), else (process_index, process_count): every process reads the whole stream (as datasets'
+        own split by examples would) and keeps every process_count-th piece of text (`_texts`)."""
         from datasets.distributed import split_dataset_by_node
 
         part = self.data.select_columns([self.column])
+        deal = None
         if process_count > 1:
-            part = split_dataset_by_node(part, rank=process_index, world_size=process_count)
-        if shuffle and self.shuffle_buffer:
+            if getattr(part, "n_shards", 0) % process_count == 0:
+                part = split_dataset_by_node(part, rank=process_index, world_size=process_count)
+            else:
+                deal = (process_index, process_count)
+        if shuffle and self.shuffle_buffer:  # the same seed on every process: the same order to deal
             part = part.shuffle(seed=seed, buffer_size=self.shuffle_buffer)
-        return part
+        return part, deal
 
-    def _texts(self, part: Any) -> Iterator[tuple[list[str], list[bool]]]:
+    def _texts(self, part: Any, deal: tuple[int, int] | None) -> Iterator[tuple[list[str], list[bool]]]:
         """~CHUNK_CHARS of text at a time, in stream order: (texts, whether each ends a document). A
         long document (concatenated mode) is cut at safe points into pieces that encode like the
-        whole (sources.iter_pieces), so one huge record never makes one huge encode call."""
+        whole (sources.iter_pieces), so one huge record never makes one huge encode call. deal=(p, n):
+        only every n-th piece from the p-th on (a document, or a piece of a long one), so that a few
+        long documents (one big text file: the seed page's input.txt) still split evenly over the
+        processes; a piece that does not end its document gets no EOS, as in the whole."""
         texts: list[str] = []
         ends: list[bool] = []
-        size, chunk = 0, cache.CHUNK_CHARS
+        size, chunk, k = 0, cache.CHUNK_CHARS, -1
         for batch in part.iter(batch_size=READ_ROWS):
             for doc in row_texts(batch[self.column], self.name, self.column):
                 long = not self.line_by_line and len(doc) > chunk
                 pieces = list(iter_pieces(io.StringIO(doc).read, self.name, chunk, chunk)) if long else [doc]
                 for i, piece in enumerate(pieces):
+                    k += 1
+                    if deal is not None and k % deal[1] != deal[0]:
+                        continue
                     texts.append(piece)
                     ends.append(i == len(pieces) - 1)
                     size += len(piece)
@@ -226,9 +244,9 @@ class StreamingDataset(StreamBatches):
         if texts:
             yield texts, ends
 
-    def _encoded(self, part: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _encoded(self, part: Any, deal: tuple[int, int] | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(token ids, document lengths) of each group of texts: the cache's encoding of them."""
-        for texts, ends in self._texts(part):
+        for texts, ends in self._texts(part, deal):
             out = encode_texts(texts, ends, self._encoder)
             yield out["ids"][0], out["lengths"][0]
 
@@ -236,14 +254,14 @@ class StreamingDataset(StreamBatches):
         self, seed: int, process_index: int, process_count: int, *, shuffle: bool = True, cycle: bool = True
     ) -> Iterator[Chunk]:
         """This process's rows in order, epoch after epoch (cycle=False: one epoch), as chunks."""
-        part = self._part(seed, process_index, process_count, shuffle)
+        part, deal = self._part(seed, process_index, process_count, shuffle)
         tokens = np.empty(0, self._encoder.dtype)  # concatenated: tokens not yet in a row
         ids: list[np.ndarray] = []  # line_by_line: the documents of the open window
         lengths: list[np.ndarray] = []
         for epoch in itertools.count() if cycle else range(1):
             part.set_epoch(epoch)  # the shuffle's seed is (seed, epoch); no-op without one
             found = False
-            for chunk_ids, chunk_lengths in self._encoded(part):
+            for chunk_ids, chunk_lengths in self._encoded(part, deal):
                 found = found or chunk_ids.size > 0
                 if not self.line_by_line:
                     tokens = np.concatenate([tokens, chunk_ids])
@@ -257,8 +275,15 @@ class StreamingDataset(StreamBatches):
                     yield self._pack(ids, lengths)
                     ids, lengths = [], []
             if not found:
-                where = f" for process {process_index} of {process_count}" if process_count > 1 else ""
-                raise DataError(f"{self.name} holds no text{where}: check the dataset, split and column.")
+                if process_count > 1:
+                    raise DataError(
+                        f"{self.name} holds no text for process {process_index} of {process_count}: "
+                        f"its documents (and pieces of ~{cache.CHUNK_CHARS // 2**20 or 1} MB of long ones) "
+                        f"are dealt to the processes in turn, and there are fewer than {process_count}. "
+                        "Check the dataset, split and column; a corpus this small trains on the cached "
+                        "path (drop data.streaming)."
+                    )
+                raise DataError(f"{self.name} holds no text: check the dataset, split and column.")
             if ids:  # a window never spans two epochs
                 yield self._pack(ids, lengths)
                 ids, lengths = [], []
