@@ -6,9 +6,10 @@ points (metrics), at saves (the NaN check) and at evaluations.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,11 +231,29 @@ def _loop(run: _Run, state: TrainState) -> tuple[TrainState, list[dict[str, Any]
         prefetch=2,
     )
     try:
-        state, history, stopped = _steps(run, state, batches, start, end)
+        state, history, stopped = _steps(run, state, _first_batch_agreed(batches, end > start), start, end)
     finally:
         if hasattr(batches, "close"):
             batches.close()
     return state, history, stopped or end < tc.num_steps
+
+
+def _first_batch_agreed(batches: Any, expected: bool) -> Iterator[Any]:
+    """The batches, the first one read here: a process whose data fails at once (its part of a
+    stream is empty, a file is unreadable) stops every process with its message, instead of leaving
+    the others in the first step's collective until jax.distributed aborts them without one."""
+    it = iter(batches)
+    if not expected:
+        return it
+    error, first = None, None
+    try:
+        first = next(it)
+    except StopIteration:
+        return iter(())  # no batch where steps were due: _steps' strict zip says so
+    except Exception as e:
+        error = e
+    agree(error, "", "could not read its first batch")
+    return itertools.chain([first], it)
 
 
 def _steps(

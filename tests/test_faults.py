@@ -267,6 +267,35 @@ def test_a_process_that_is_refused_stops_every_process(tmp_path):
     assert "ValueError folder is full" in outs[1], outs
 
 
+def test_a_first_batch_that_fails_is_agreed_before_the_first_step(
+    run_copy, tokenizer_files, vocab_size, dataset, monkeypatch
+):
+    # On a pod, a process whose data fails at once (its part of a stream is empty) must stop the
+    # others with a message (agree: the 2-process test above), not leave them in the first step's
+    # collective until jax.distributed aborts them without one (seen: rc 134, no message).
+    from gpt2_flax import loop
+
+    agreed = []
+    real_agree = loop.agree
+
+    def agree(error, token, what="could not start"):
+        agreed.append((type(error).__name__ if error is not None else None, what))
+        return real_agree(error, token, what)
+
+    def no_text(*args, **kwargs):
+        raise DataError("data.txt holds no text for process 1 of 2")
+        yield
+
+    monkeypatch.setattr(loop, "agree", agree)
+    monkeypatch.setattr(dataset, "iter_batches", no_text)
+    before = {p: snapshot(run_copy / "checkpoints" / p) for p in ("4", "8")}
+    with pytest.raises(DataError, match="holds no text for process 1 of 2"):
+        _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=12, output_dir=run_copy, **TRAIN)
+    assert ("DataError", "could not read its first batch") in agreed
+    assert {p: snapshot(run_copy / "checkpoints" / p) for p in ("4", "8")} == before
+    assert not (run_copy / LOCK_FILE).exists()
+
+
 def test_checkpoints_without_run_json_still_refuse_a_finished_run(
     run_copy, tokenizer_files, vocab_size, dataset
 ):
