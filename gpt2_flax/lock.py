@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from gpt2_flax.data.remote import filesystem, is_url
 from gpt2_flax.errors import CheckpointError, spell
 
 LOCK_FILE = ".gpt2_flax.lock"
@@ -37,21 +38,15 @@ RENEW_S = 60.0  # how often the holder rewrites `renewed`
 LEASE_S = 600.0  # not renewed for this long: stale (10 renewals missed; clock skew between hosts is smaller)
 
 
-def is_url(folder: Any) -> bool:
-    return "://" in str(folder)
-
-
 def _lock_path(folder: Any) -> str:
-    return f"{str(folder).rstrip('/')}/{LOCK_FILE}" if is_url(folder) else str(Path(folder) / LOCK_FILE)
+    return f"{folder.rstrip('/')}/{LOCK_FILE}" if is_url(folder) else str(Path(folder) / LOCK_FILE)
 
 
 def read_lock(folder: Any) -> dict[str, Any] | None:
     """The lock's record, None without one; an unreadable lock reads as held by an unknown run."""
     try:
         if is_url(folder):
-            import fsspec
-
-            fs, path = fsspec.core.url_to_fs(_lock_path(folder))
+            fs, path = filesystem(_lock_path(folder))
             text = fs.cat_file(path)
         else:
             text = Path(_lock_path(folder)).read_bytes()
@@ -188,9 +183,7 @@ class FolderLock:
     def _write(self, create: bool) -> None:
         data = self._record()
         if is_url(self.folder):
-            import fsspec
-
-            fs, path = fsspec.core.url_to_fs(self.path)
+            fs, path = filesystem(self.path)
             if create:
                 try:
                     fs.pipe_file(path, data, mode="create")
@@ -213,9 +206,7 @@ class FolderLock:
     def _remove(self) -> None:
         try:
             if is_url(self.folder):
-                import fsspec
-
-                fs, path = fsspec.core.url_to_fs(self.path)
+                fs, path = filesystem(self.path)
                 fs.rm_file(path)
             else:
                 os.unlink(self.path)
