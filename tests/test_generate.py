@@ -21,7 +21,16 @@ from transformers.generation import logits_process as hf_lp
 
 from gpt2_flax import GPT2, ConfigError
 from gpt2_flax.cli import main as cli_main
-from gpt2_flax.generate import Generator, Rows, Sampling, filter_logits, process_logits, top_k_candidates
+from gpt2_flax.config import ModelConfig
+from gpt2_flax.generate import (
+    Generator,
+    Rows,
+    Sampling,
+    cache_phases,
+    filter_logits,
+    process_logits,
+    top_k_candidates,
+)
 from gpt2_flax.model import split_layers
 
 PROMPT = "ROMEO:"
@@ -202,6 +211,32 @@ def test_beyond_the_context_slides_like_a_full_window(trained_run) -> None:
     want = ai.tokenizer.decode(ids[1:])
     got = greedy(ai, max_length=2 * ctx + 4, min_length=2 * ctx + 4)
     assert got == want and len(ai.tokenizer.encode(got).ids) > ctx
+
+
+def test_the_growing_cache_generates_what_one_full_cache_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode runs through caches of 64, 128, 256 slots (`cache_phases`: this model's cache
+    outweighs its weights), each read only while it may be filled; rows of different prompt
+    lengths cross the sizes at different tokens. Their tokens equal those of one 256-slot cache."""
+    assert cache_phases(32, 256, 1.0) == (64, 128, 256) and cache_phases(100, 256, 1.0) == (128, 256)
+    assert cache_phases(8, 64, 1.0) == (64,) and cache_phases(64, 1024, 1.0) == (256, 512, 1024)
+    assert cache_phases(32, 256, 0.3) == (256,)  # a cache small beside the weights: one size
+    model = new_model(ModelConfig(vocab_size=97, n_positions=256, n_embd=32, n_layer=2, n_head=4), seed=5)
+    params = nnx.to_pure_dict(nnx.state(model))
+    prompts = [[0, *range(3, 30)], [0, 9], [0, *range(50, 60)]]
+    rows = Rows(prompts=prompts, totals=[200, 130, 150], min_totals=[200, 130, 150], row_ids=[0, 1, 2])
+
+    def run(sampling: Sampling) -> list[list[int]]:
+        out = Generator(nnx.graphdef(model))(params, rows, sampling=sampling, seed=2, stop_ids=[], pad_id=0)
+        return [r.tolist() for r in out]
+
+    used: list[tuple[int, ...]] = []
+    spy = lambda *a: used.append(cache_phases(*a)) or used[-1]
+    monkeypatch.setattr("gpt2_flax.generate.cache_phases", spy)
+    sampling = Sampling(temperature=1.0, top_k=20, top_p=0.9)
+    grown = run(sampling)  # 2 compiles, ~6 s each: the CPU's per-layer decode (the scan grows alike)
+    assert used == [(64, 128, 256)]
+    monkeypatch.setattr("gpt2_flax.generate.cache_phases", lambda width, slots, share: (slots,))
+    assert grown == run(sampling) and [len(r) for r in grown] == [172, 128, 139]
 
 
 def test_no_recompilation_inside_a_bucket(trained_run) -> None:
