@@ -6,10 +6,9 @@ points (metrics), at saves (the NaN check) and at evaluations.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,34 +229,71 @@ def _loop(run: _Run, state: TrainState) -> tuple[TrainState, list[dict[str, Any]
         num_steps=end - start,
         prefetch=2,
     )
+    guarded = _AgreedBatches(batches, end > start)
     try:
-        state, history, stopped = _steps(run, state, _first_batch_agreed(batches, end > start), start, end)
+        state, history, stopped = _steps(run, state, guarded, start, end)
+        guarded.check()  # before the final checkpoint
     finally:
         if hasattr(batches, "close"):
             batches.close()
     return state, history, stopped or end < tc.num_steps
 
 
-def _first_batch_agreed(batches: Any, expected: bool) -> Iterator[Any]:
-    """The batches, the first one read here: a process whose data fails at once (its part of a
-    stream is empty, a file is unreadable) stops every process with its message, instead of leaving
-    the others in the first step's collective until jax.distributed aborts them without one."""
-    it = iter(batches)
-    if not expected:
-        return it
-    error, first = None, None
-    try:
-        first = next(it)
-    except StopIteration:
-        return iter(())  # no batch where steps were due: _steps' strict zip says so
-    except Exception as e:
-        error = e
-    agree(error, "", "could not read its first batch")
-    return itertools.chain([first], it)
+class _AgreedBatches:
+    """The batches, made safe to fail on one process of many. A process whose data fails at once (its
+    part of a stream is empty, a file is unreadable) stops every process with its message (the first
+    batch is read and agreed here), instead of leaving the others in the first step's collective until
+    jax.distributed aborts them without one. A failure later keeps the process stepping on its last
+    good batch, so that the collectives go on, until the next `check`, where every process stops
+    together; the loop checks before every log, checkpoint and stop, so no state trained on a repeated
+    batch is ever saved or logged. One process: a failure raises at once."""
+
+    def __init__(self, batches: Any, expected: bool):
+        self._it, self._last, self._error = iter(batches), None, None
+        self._first: list[Any] = []
+        if not expected:
+            return
+        error = None
+        try:
+            self._first = [next(self._it)]
+        except StopIteration:
+            self._it = iter(())  # no batch where steps were due: _steps' strict zip says so
+        except Exception as e:
+            error = e
+        agree(error, "", "could not read its first batch")
+
+    def __iter__(self) -> _AgreedBatches:
+        return self
+
+    def __next__(self) -> Any:
+        if self._first:
+            self._last = self._first.pop()
+            return self._last
+        if self._error is not None:
+            return self._last
+        try:
+            self._last = next(self._it)
+        except StopIteration:
+            raise
+        except Exception as e:
+            if not _several_processes() or self._last is None:
+                raise
+            self._error = e  # raised by `check`, on every process
+        return self._last
+
+    def check(self) -> None:
+        """Every process stops here if any one's data failed since the start (a collective, on every
+        process at the same steps: several processes only)."""
+        if _several_processes():
+            agree(self._error, "", "could not read a batch; no step after it was logged or saved")
+
+
+def _several_processes() -> bool:
+    return jax.process_count() > 1
 
 
 def _steps(
-    run: _Run, state: TrainState, batches: Any, start: int, end: int
+    run: _Run, state: TrainState, batches: _AgreedBatches, start: int, end: int
 ) -> tuple[TrainState, list[dict[str, Any]], bool]:
     """The step loop: one host sync per log point, checkpoints, samples, and the stop check."""
     p, tc = run.plan, run.tc
@@ -275,16 +311,19 @@ def _steps(
         timed_save = False
         eval_due = _eval_due(run.dataset, tc, done, end)
         if done % tc.log_every == 0 or done == end or eval_due:
+            batches.check()
             extra = evaluate(p, state.params, run.dataset.validation, tc) if eval_due else {}
             history.append(_log(run.logger, pending, done, p.schedule, extra))
             pending = []
             timed_save = _time_to_save(tc, last_save)
         if done < end and (timed_save or (tc.save_every and done % tc.save_every == 0)):
             _check_finite(pending, done)  # never checkpoint a NaN state
+            batches.check()
             _still_ours(run.run_dir)
             _save(p, run.ckpt, done, state)
             last_save = time.monotonic()
         if run.sample_fn is not None and tc.generate_every and done % tc.generate_every == 0:
+            batches.check()
             texts = run.sample_fn(p.merge_fn(state.params), done)  # every process: a collective
             run.logger.write(append_samples(run.logger.output_dir, done, texts))
             run.logger.text("samples", "\n\n---\n\n".join(texts), done)

@@ -296,6 +296,43 @@ def test_a_first_batch_that_fails_is_agreed_before_the_first_step(
     assert not (run_copy / LOCK_FILE).exists()
 
 
+def test_a_batch_that_fails_mid_run_stops_every_process_before_anything_is_saved(
+    run_copy, tokenizer_files, vocab_size, dataset, monkeypatch
+):
+    # On several processes, one whose data fails mid-run (a shard gone) must not leave the others
+    # in the step's collective until jax.distributed aborts them without a message: it steps on
+    # its last good batch and every process stops at the next log or checkpoint (agree), before
+    # anything trained on the repeated batch is logged or saved.
+    from gpt2_flax import loop
+
+    agreed = []
+    real_agree = loop.agree
+
+    def agree(error, token, what="could not start"):
+        agreed.append((type(error).__name__ if error is not None else None, what))
+        return real_agree(error, token, what)  # one process here: raises the error
+
+    real_batches = dataset.iter_batches
+
+    def fails_after_one(*args, **kwargs):
+        batches = real_batches(*args, **kwargs)
+        yield next(batches)
+        raise DataError("shard 3 of data.txt went missing")
+
+    monkeypatch.setattr(loop, "agree", agree)
+    monkeypatch.setattr(loop, "_several_processes", lambda: True)
+    monkeypatch.setattr(dataset, "iter_batches", fails_after_one)
+    before = snapshot(run_copy / "checkpoints")
+    with pytest.raises(DataError, match="shard 3 of data.txt went missing"):
+        _gpt2(tokenizer_files, vocab_size).train(dataset, num_steps=12, output_dir=run_copy, **TRAIN)
+    # steps 9 (its batch) and 10 (the repeat) ran; the log point at 10 agreed and stopped
+    assert ("DataError", "could not read a batch; no step after it was logged or saved") in agreed
+    assert snapshot(run_copy / "checkpoints") == before
+    logged = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in logged if "loss" in r) == 8
+    assert not (run_copy / LOCK_FILE).exists()
+
+
 def test_checkpoints_without_run_json_still_refuse_a_finished_run(
     run_copy, tokenizer_files, vocab_size, dataset
 ):
