@@ -267,26 +267,33 @@ def test_a_process_that_is_refused_stops_every_process(tmp_path):
     assert "ValueError folder is full" in outs[1], outs
 
 
+@pytest.fixture
+def agreed(monkeypatch) -> list[tuple[str | None, str]]:
+    """Every `loop.agree` call of the test, as (error type, what failed); one process here, so each
+    still raises its error as `agree` does."""
+    from gpt2_flax import loop
+
+    calls, real_agree = [], loop.agree
+
+    def agree(error, token, what="could not start"):
+        calls.append((type(error).__name__ if error is not None else None, what))
+        return real_agree(error, token, what)
+
+    monkeypatch.setattr(loop, "agree", agree)
+    return calls
+
+
 def test_a_first_batch_that_fails_is_agreed_before_the_first_step(
-    run_copy, tokenizer_files, vocab_size, dataset, monkeypatch
+    run_copy, tokenizer_files, vocab_size, dataset, monkeypatch, agreed
 ):
     # On a pod, a process whose data fails at once (its part of a stream is empty) must stop the
     # others with a message (agree: the 2-process test above), not leave them in the first step's
     # collective until jax.distributed aborts them without one (seen: rc 134, no message).
-    from gpt2_flax import loop
-
-    agreed = []
-    real_agree = loop.agree
-
-    def agree(error, token, what="could not start"):
-        agreed.append((type(error).__name__ if error is not None else None, what))
-        return real_agree(error, token, what)
 
     def no_text(*args, **kwargs):
         raise DataError("data.txt holds no text for process 1 of 2")
         yield
 
-    monkeypatch.setattr(loop, "agree", agree)
     monkeypatch.setattr(dataset, "iter_batches", no_text)
     before = {p: snapshot(run_copy / "checkpoints" / p) for p in ("4", "8")}
     with pytest.raises(DataError, match="holds no text for process 1 of 2"):
@@ -297,20 +304,13 @@ def test_a_first_batch_that_fails_is_agreed_before_the_first_step(
 
 
 def test_a_batch_that_fails_mid_run_stops_every_process_before_anything_is_saved(
-    run_copy, tokenizer_files, vocab_size, dataset, monkeypatch
+    run_copy, tokenizer_files, vocab_size, dataset, monkeypatch, agreed
 ):
     # On several processes, one whose data fails mid-run (a shard gone) must not leave the others
     # in the step's collective until jax.distributed aborts them without a message: it steps on
     # its last good batch and every process stops at the next log or checkpoint (agree), before
     # anything trained on the repeated batch is logged or saved.
     from gpt2_flax import loop
-
-    agreed = []
-    real_agree = loop.agree
-
-    def agree(error, token, what="could not start"):
-        agreed.append((type(error).__name__ if error is not None else None, what))
-        return real_agree(error, token, what)  # one process here: raises the error
 
     real_batches = dataset.iter_batches
 
@@ -319,7 +319,6 @@ def test_a_batch_that_fails_mid_run_stops_every_process_before_anything_is_saved
         yield next(batches)
         raise DataError("shard 3 of data.txt went missing")
 
-    monkeypatch.setattr(loop, "agree", agree)
     monkeypatch.setattr(loop, "_several_processes", lambda: True)
     monkeypatch.setattr(dataset, "iter_batches", fails_after_one)
     before = snapshot(run_copy / "checkpoints")
