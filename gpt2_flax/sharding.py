@@ -8,9 +8,11 @@ where each goes, so changing a parallelism strategy is an edit here, not in the 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -143,6 +145,31 @@ def init_sharded(factory: Any, seed: int, mesh: Mesh | None = None) -> Any:
     return nnx.merge(graphdef, init(jax.random.key(seed)))
 
 
+# Mesh axes a surrounding `jax.vmap(..., spmd_axis_name=...)` already splits: constraints inside
+# leave them out (train_step's per-data-shard gradients, `mapped_axes`).
+_MAPPED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("mapped_axes", default=frozenset())
+
+
+@contextlib.contextmanager
+def mapped_axes(*axes: str) -> Iterator[None]:
+    """While tracing inside, `constrain` and `shard_map_by_name` leave `axes` out of their specs: a
+    vmap over a dimension split on them (spmd_axis_name) holds them, and a mesh axis may split one
+    dimension only."""
+    token = _MAPPED.set(_MAPPED.get() | frozenset(axes))
+    try:
+        yield
+    finally:
+        _MAPPED.reset(token)
+
+
+def _unmapped(spec: PartitionSpec) -> PartitionSpec:
+    mapped = _MAPPED.get()
+    if not mapped:
+        return spec
+    names = lambda axes: (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return PartitionSpec(*(tuple(a for a in names(axes) if a not in mapped) or None for axes in spec))
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical axis names, under the mesh that `jax.set_mesh` set. Without
     one (an eager call in a test, a user's own jit) it does nothing; every jitted call of this
@@ -150,7 +177,7 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = logical_to_spec(tuple(logical))
+    spec = _unmapped(logical_to_spec(tuple(logical)))
     return jax.lax.with_sharding_constraint(x, _fit(spec, x.shape, mesh))
 
 
@@ -164,8 +191,9 @@ def shard_map_by_name(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return f(*args)
-    in_specs = tuple(_fit(logical_to_spec(tuple(n)), a.shape, mesh) for a, n in zip(args, names, strict=True))
-    out_spec = _fit(logical_to_spec(tuple(out_names)), args[0].shape, mesh)
+    spec = lambda n: _unmapped(logical_to_spec(tuple(n)))
+    in_specs = tuple(_fit(spec(n), a.shape, mesh) for a, n in zip(args, names, strict=True))
+    out_spec = _fit(spec(out_names), args[0].shape, mesh)
     # check_vma=False: Pallas calls carry no varying-manual-axes rule; the specs above say it all.
     return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
 

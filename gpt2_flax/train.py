@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from gpt2_flax import lora
 from gpt2_flax.config import Config, ConfigError, TrainConfig
@@ -28,6 +28,7 @@ from gpt2_flax.sharding import (
     batch_sharding,
     data_parallel_size,
     make_mesh,
+    mapped_axes,
     param_shardings,
     replicated,
 )
@@ -173,14 +174,23 @@ def train_step(
         # share of each microbatch and nothing moves between devices.
         mbs = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
+        shards = _data_shards()
+        per_shard = shards > 1 and not use_dropout
+        micro_grads = functools.partial(_per_data_shard, grad_fn, shards) if per_shard else grad_fn
+
         def body(carry: Any, xs: Any) -> tuple[Any, None]:
             (loss_acc, n_acc, g_acc), (mb, i) = carry, xs
-            (loss, n), g = grad_fn(trainable, mb, i)
+            (loss, n), g = micro_grads(trainable, mb, i)
             return (loss_acc + loss, n_acc + n, jax.tree.map(jnp.add, g_acc, g)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        init = (jnp.float32(0), jnp.float32(0), zeros)
+        first = jax.tree.map(lambda x: x[0], mbs)
+        (loss0, n0), g0 = jax.eval_shape(micro_grads, trainable, first, jnp.int32(0))
+        zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+        init = (zeros(loss0), zeros(n0), zeros(g0))
         (loss_sum, count, grads), _ = jax.lax.scan(body, init, (mbs, jnp.arange(accum)))
+        if per_shard:  # one all-reduce of the summed gradients, after the scan
+            loss_sum, count = loss_sum.sum(), count.sum()
+            grads = jax.tree.map(lambda g: g.sum(0), grads)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)  # mean over every counted token of the batch
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -194,6 +204,24 @@ def train_step(
     }
     params = trained if lora_scale is None else {"base": state.params["base"], "lora": trained}
     return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def _data_shards() -> int:
+    """The `data` mesh axis size of the mesh being traced under (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else mesh.shape.get("data", 1)
+
+
+def _per_data_shard(grad_fn: Callable, shards: int, trainable: Any, mb: Any, i: jax.Array) -> Any:
+    """grad_fn of one microbatch, each `data` shard's rows apart: ((loss, n), grads) with a leading
+    (shards,) axis split over `data`, summed by the caller after the microbatch scan. XLA otherwise
+    all-reduces every microbatch's gradient inside the scan: GPT-2 124M on v5e:2x4 at 4
+    microbatches moved 4x one reduction (BENCHMARKS.md). Without dropout only: the masks of a
+    vmapped forward would differ from one device's."""
+    split = jax.tree.map(lambda x: x.reshape(shards, -1, *x.shape[1:]), mb)  # data-major rows: local
+    split = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, PartitionSpec("data", "fsdp")), split)
+    with mapped_axes("data"):
+        return jax.vmap(grad_fn, in_axes=(None, 0, None), spmd_axis_name="data")(trainable, split, i)
 
 
 def eval_sums(

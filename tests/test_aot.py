@@ -70,8 +70,11 @@ def test_gpt2_124m_fits(topology: str, kind: str) -> None:
     # 13,148,627,456 (`--model.attention=explicit`), nearly equal: remat dots drops the scores either
     # way. At 16 microbatches: 3.82 vs 3.97 GiB (BENCHMARKS.md, with a same-run small-model
     # comparison, 139.7 vs 27.6 MiB, left out of the suite: its two T=1024 compiles take ~45 s).
+    # Since the gradients are all-reduced once after the microbatch scan (2026-12-02): splash
+    # 13,303,847,424, explicit 13,302,750,720 (+0.15 GiB each: the summed gradients and their
+    # reduction are alive together after the scan), equal within 0.01%.
     assert r["attention"].startswith("splash") and r["kernel_calls"] >= 3
-    assert r["temp_bytes"] < 13_148_627_456
+    assert r["temp_bytes"] < 13_302_750_720 * 1.001
     # The estimate (docs/tpu.md): the microbatch scan (4) around the layer scans (12, forward and
     # backward), read from the compiled loops, agreeing with the config.
     e = r["estimate"]
@@ -87,7 +90,10 @@ def test_gpt2_124m_fits(topology: str, kind: str) -> None:
     # these settings; splash's estimate 4.728e14: the kernels' analytic count agrees within 0.1%.
     # Its HBM bytes, 6.52e12 where splash's are 3.55e12: the scores' traffic splash avoids.
     assert e["hbm_bytes"] < 6.5e12
-    assert e["collectives"]["all-reduce"]["bytes"] > 4 * r["n_params"] * 2  # per microbatch
+    # The float32 gradients all-reduced once per step, after the microbatch scan, not once per
+    # microbatch (105 ops, 1.50 GiB before: train._per_data_shard): 4 ops, 497,903,624 bytes.
+    reduced = e["collectives"]["all-reduce"]
+    assert 4 * r["n_params"] * 0.99 < reduced["bytes"] < 4 * r["n_params"] * 1.1 and reduced["ops"] < 12
     assert 0 < r["ceiling_mfu"] <= 1 and r["ceiling_tokens_per_s"] > 0
     text = report_from_dict(r).format()  # the text report of the same numbers: no second compile
     for line in ("estimate per step", "model FLOPs (6N + 12LdT per token)", "roofline", "ceiling"):

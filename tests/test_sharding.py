@@ -268,3 +268,42 @@ def test_parameters_are_born_sharded(tokenizer_files, tiny_config) -> None:
     assert kernel.addressable_shards[0].data.shape == (2, 32 // 8, 128)
     ids = np.arange(32, dtype=np.int32).reshape(2, 16)
     assert ai.model(ids).shape == (2, 16, tiny_config.vocab_size)  # still an ordinary model to call
+
+
+@pytest.mark.parametrize("mesh", ["mesh.data=8", "mesh.data=4 mesh.fsdp=2"])
+def test_microbatch_gradients_are_all_reduced_once_per_step(monkeypatch, mesh: str) -> None:
+    """With gradient accumulation on a data axis, each data shard sums its own microbatch gradients
+    and the sum is all-reduced once, after the microbatch scan (`train._per_data_shard`), not once
+    per microbatch; the step computes what the per-microbatch reduction (one device's) computes."""
+    from flax import nnx
+
+    from gpt2_flax import hlo, train
+    from gpt2_flax.model import GPT2LMHeadModel
+
+    small = {"n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 300, "n_positions": 16}
+    cfg = load_config(None, mesh.split(), model=small, train={"batch_size": 32, "grad_accum_steps": 4})
+    toks = np.random.default_rng(0).integers(0, 300, (32, 17))
+    batch = {"input_ids": toks[:, :-1].astype(np.int32), "labels": toks[:, 1:].astype(np.int32)}
+
+    def run() -> tuple[dict[str, float], hlo.Collective]:
+        model = GPT2LMHeadModel(cfg.model, rngs=nnx.Rngs(0))
+        p = train.build(model, cfg)
+        state = train.init_state(p, model)
+        with jax.set_mesh(p.mesh):
+            b = train.to_global(batch, p.mesh)
+            module = hlo.parse(p.step_fn.lower(state, b).compile().as_text())
+            for _ in range(2):
+                state, metrics = p.step_fn(state, b)
+        reduced = hlo.collectives(module, hlo.multiplicities(module))["all-reduce"]
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}, reduced
+
+    once, reduced_once = run()
+    monkeypatch.setattr(train, "_data_shards", lambda: 1)  # the per-microbatch reduction
+    each, reduced_each = run()
+    assert max_rel_diff(np.array(list(once.values())), np.array(list(each.values()))) < TOL
+    grads = 4 * sum(x.size for x in jax.tree.leaves(nnx.state(GPT2LMHeadModel(cfg.model, rngs=nnx.Rngs(0)))))
+    if mesh == "mesh.data=8":  # measured: 4 ops, 5x the float32 gradients -> 1 op, 1x
+        assert reduced_each.bytes >= 4 * grads and reduced_once.ops == 1, (reduced_each, reduced_once)
+        assert reduced_once.bytes < 1.01 * grads, (reduced_once, grads)
+    else:  # fsdp still reduces each microbatch's gradients over its own axis (ZeRO-3 by design)
+        assert reduced_once.bytes < reduced_each.bytes - grads, (reduced_each, reduced_once, grads)
