@@ -232,7 +232,7 @@ def _loop(run: _Run, state: TrainState) -> tuple[TrainState, list[dict[str, Any]
     guarded = _AgreedBatches(batches, end > start)
     try:
         state, history, stopped = _steps(run, state, guarded, start, end)
-        guarded.check()  # before the final checkpoint
+        guarded.check(int(jax.device_get(state.step)))  # before the final checkpoint
     finally:
         if hasattr(batches, "close"):
             batches.close()
@@ -250,6 +250,7 @@ class _AgreedBatches:
 
     def __init__(self, batches: Any, expected: bool):
         self._it, self._last, self._error = iter(batches), None, None
+        self._checked = -1  # the last step agreed on: one agreement per step
         self._first: list[Any] = []
         if not expected:
             return
@@ -281,11 +282,12 @@ class _AgreedBatches:
             self._error = e  # raised by `check`, on every process
         return self._last
 
-    def check(self) -> None:
+    def check(self, step: int) -> None:
         """Every process stops here if any one's data failed since the start (a collective, on every
-        process at the same steps: several processes only)."""
-        if _several_processes():
+        process at the same steps, once per step: several processes only)."""
+        if _several_processes() and step != self._checked:
             agree(self._error, "", "could not read a batch; no step after it was logged or saved")
+            self._checked = step
 
 
 def _several_processes() -> bool:
@@ -311,19 +313,19 @@ def _steps(
         timed_save = False
         eval_due = _eval_due(run.dataset, tc, done, end)
         if done % tc.log_every == 0 or done == end or eval_due:
-            batches.check()
+            batches.check(done)
             extra = evaluate(p, state.params, run.dataset.validation, tc) if eval_due else {}
             history.append(_log(run.logger, pending, done, p.schedule, extra))
             pending = []
             timed_save = _time_to_save(tc, last_save)
         if done < end and (timed_save or (tc.save_every and done % tc.save_every == 0)):
             _check_finite(pending, done)  # never checkpoint a NaN state
-            batches.check()
+            batches.check(done)
             _still_ours(run.run_dir)
             _save(p, run.ckpt, done, state)
             last_save = time.monotonic()
         if run.sample_fn is not None and tc.generate_every and done % tc.generate_every == 0:
-            batches.check()
+            batches.check(done)
             texts = run.sample_fn(p.merge_fn(state.params), done)  # every process: a collective
             run.logger.write(append_samples(run.logger.output_dir, done, texts))
             run.logger.text("samples", "\n\n---\n\n".join(texts), done)
