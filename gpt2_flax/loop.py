@@ -18,7 +18,7 @@ from etils import epath
 
 from gpt2_flax.checkpoint import Checkpointer, TrainingError, state_bytes, trim_metrics
 from gpt2_flax.config import Config, TrainConfig
-from gpt2_flax.errors import CheckpointError
+from gpt2_flax.errors import CheckpointError, spell
 from gpt2_flax.metrics import (
     MetricsLogger,
     WandbRun,
@@ -31,7 +31,7 @@ from gpt2_flax.metrics import (
 from gpt2_flax.model import GPT2LMHeadModel, count_params
 from gpt2_flax.preemption import StopRequest
 from gpt2_flax.run_dir import RunDir, data_identity
-from gpt2_flax.sharding import agree
+from gpt2_flax.sharding import agree, process_codes
 from gpt2_flax.train import Plan, TrainState, build, init_state, resumed_state, to_global
 
 
@@ -344,16 +344,61 @@ def _eval_due(dataset: Any, tc: TrainConfig, done: int, end: int) -> bool:
 def evaluate(p: Plan, params: Any, validation: Any, tc: TrainConfig) -> dict[str, float]:
     """Mean loss over the validation batches (every real token weighs the same) and its perplexity."""
     total, count = 0.0, 0.0
-    for local in validation.eval_batches(
+    batches = lambda: validation.eval_batches(
         tc.batch_size,
         tc.eval_batches or None,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-    ):
+    )
+    for local in _agreed_eval_batches(batches):
         s, n = jax.device_get(p.eval_fn(params, to_global(local, p.mesh)))
         total, count = total + float(s), count + float(n)
     loss = total / max(count, 1.0)
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+_READ, _ENDED, _FAILED = 0, 1, 2  # what a process did with its next validation batch
+
+
+def _agreed_eval_batches(make: Callable[[], Any]) -> Any:
+    """The validation batches of `make()`, made safe to fail on one process of many: before each batch
+    every process says whether it has one, has none left or failed (one all-gather), so that a
+    process whose validation data fails (or runs out first) stops every process with a message at
+    that batch, instead of leaving the others in the eval step's collective until jax.distributed
+    aborts them without one. Nothing of the evaluation is logged and nothing is saved. One process: a
+    failure raises at once."""
+    it = None
+    while True:
+        local, error = None, None
+        try:
+            it = iter(make()) if it is None else it
+            local = next(it)
+        except StopIteration:
+            pass
+        except Exception as e:
+            if not _several_processes():
+                raise
+            error = e
+        if _several_processes():
+            codes = process_codes(_FAILED if error is not None else _ENDED if local is None else _READ)
+            if error is not None:
+                raise error
+            if (codes == _FAILED).any():
+                bad = [int(i) for i in np.flatnonzero(codes == _FAILED)]
+                raise TrainingError(
+                    f"process(es) {bad} of this run could not read a validation batch; their log says why. "
+                    "This evaluation was not logged and nothing was saved after the last checkpoint."
+                )
+            if (codes == _ENDED).any() and not (codes == _ENDED).all():
+                short = [int(i) for i in np.flatnonzero(codes == _ENDED)]
+                raise TrainingError(
+                    f"the validation batches of process(es) {short} ran out before the others': every "
+                    "process must evaluate as many; pass "
+                    f"{spell('train.eval_batches', '<N>')}, a number all of them have."
+                )
+        if local is None:
+            return
+        yield local
 
 
 def _time_to_save(tc: TrainConfig, last_save: float) -> bool:

@@ -227,6 +227,16 @@ def maybe_initialize(
         jax.distributed.initialize()
 
 
+def process_codes(code: int) -> np.ndarray:
+    """(process_count,) int32: every process's `code`, in process order (one all-gather, a barrier;
+    on one process just [code])."""
+    if jax.process_count() == 1:
+        return np.array([code], np.int32)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
+
+
 def agree(error: BaseException | None, token: str, what: str = "could not start") -> str:
     """Makes every process of a multi-process run take the same way: each raises if any one of
     them failed (a process left alone would wait in the first collective until the distributed
@@ -235,7 +245,7 @@ def agree(error: BaseException | None, token: str, what: str = "could not start"
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+        failed = process_codes(int(error is not None))
         padded = np.frombuffer(token.encode()[:64].ljust(64), np.uint8)
         token = bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))).decode().rstrip()
         if error is None and failed.any():

@@ -13,12 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import snapshot
 
 from gpt2_flax import GPT2, ConfigError, TokenDataset, build_gpt2_config
 from gpt2_flax.config import Config
-from gpt2_flax.errors import CheckpointError, DataError, ExportError
+from gpt2_flax.errors import CheckpointError, DataError, ExportError, TrainingError
 from gpt2_flax.run_dir import LOCK_FILE, RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -330,6 +331,45 @@ def test_a_batch_that_fails_mid_run_stops_every_process_before_anything_is_saved
     logged = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in logged if "loss" in r) == 8
     assert not (run_copy / LOCK_FILE).exists()
+
+
+def test_a_validation_batch_that_fails_on_one_process_stops_every_process(
+    run_copy, tokenizer_files, vocab_size, dataset, monkeypatch
+):
+    # On several processes, one whose validation data fails (or runs out before the others') must not
+    # leave the others in the eval step's collective: before each validation batch every process says
+    # whether it read one, ran out or failed, and all stop together, before the evaluation is logged.
+    from gpt2_flax import loop
+
+    good = next(dataset.eval_batches(TRAIN["batch_size"]))
+
+    class Validation:
+        def eval_batches(self, *args, **kwargs):
+            yield good
+            raise DataError("val.txt went missing")
+
+    said, real_codes = [], loop.process_codes
+    monkeypatch.setattr(loop, "process_codes", lambda code: said.append(code) or real_codes(code))
+    monkeypatch.setattr(loop, "_several_processes", lambda: True)
+    monkeypatch.setattr(dataset, "validation", Validation())
+    before = snapshot(run_copy / "checkpoints")
+    with pytest.raises(DataError, match="val.txt went missing"):
+        _gpt2(tokenizer_files, vocab_size).train(
+            dataset, num_steps=12, output_dir=run_copy, eval_every=2, **TRAIN
+        )
+    assert said == [loop._READ, loop._FAILED]  # the evaluation at step 10: one batch, then the failure
+    assert snapshot(run_copy / "checkpoints") == before
+    logged = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in logged) == 8 and not any("val_loss" in r for r in logged)
+    assert not (run_copy / LOCK_FILE).exists()
+    # What the other processes see: a peer that failed, or one whose batches ran out first.
+    for peer, message in (
+        (loop._FAILED, r"process\(es\) \[1\] of this run could not read a validation batch"),
+        (loop._ENDED, r"process\(es\) \[1\] ran out before the others'.*eval_batches=<N>"),
+    ):
+        monkeypatch.setattr(loop, "process_codes", lambda code, peer=peer: np.array([code, peer]))
+        with pytest.raises(TrainingError, match=message):
+            list(loop._agreed_eval_batches(lambda: iter([good, good])))
 
 
 def test_checkpoints_without_run_json_still_refuse_a_finished_run(
