@@ -104,6 +104,8 @@ def worker_hf(folder: str, prompt: str, batch: int, repeats: int) -> dict:
     tok = AutoTokenizer.from_pretrained(folder)
     model = GPT2LMHeadModel.from_pretrained(folder).eval()
     ids = tok([prompt] * batch, return_tensors="pt")["input_ids"]  # <|endoftext|> + 16 tokens
+    if torch.cuda.is_available():  # the same precision as ours there: bf16 compute
+        model, ids = model.to("cuda", dtype=torch.bfloat16), ids.to("cuda")
     kw = dict(do_sample=True, top_k=50, top_p=0.9, temperature=0.7, max_new_tokens=NEW_TOKENS,
               min_new_tokens=NEW_TOKENS, pad_token_id=tok.eos_token_id)  # fmt: skip
     with torch.no_grad():
