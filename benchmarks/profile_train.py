@@ -97,27 +97,20 @@ def main() -> None:
     dump = tempfile.mkdtemp(prefix="gpt2_flax_hlo_")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
     import jax
-    from flax import nnx
+    from bench_train import make_ours  # the same step the benchmark times
 
     from gpt2_flax.config import load_config
-    from gpt2_flax.model import GPT2LMHeadModel
-    from gpt2_flax.train import build, init_state, to_global
 
     cfg = load_config(args.config, ["mesh.data=1", *args.overrides])
     t, b = cfg.block_size, cfg.train.batch_size
-    model = GPT2LMHeadModel(cfg.model, rngs=nnx.Rngs(0))
-    setup = build(model, cfg)
-    state = init_state(setup, model)
-    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (b, t + 1)).astype(np.int32)
-    batch = to_global({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}, setup.mesh)
+    run = make_ours(cfg)
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (b, t + 1))
 
     def steps(n: int) -> float:
-        nonlocal state
         t0 = time.perf_counter()
-        with jax.set_mesh(setup.mesh):
-            for _ in range(n):
-                state, metrics = setup.step_fn(state, batch)
-        jax.block_until_ready(metrics)
+        for _ in range(n):
+            sync = run(tokens)
+        sync()
         return (time.perf_counter() - t0) / n
 
     steps(3)  # compile and warm up
