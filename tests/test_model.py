@@ -198,6 +198,22 @@ def test_remat_gives_same_logits_and_gradients() -> None:
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads0)) > 1e-3
 
 
+def test_the_flat_qkv_product_equals_the_4d_contraction() -> None:
+    """On CPU the fused q, k, v kernel (C, 3, H, D) is multiplied as (C, 3*H*D) (`flat_qkv`, faster
+    backward there); TPU and GPU keep the 4-D contraction. Both give the same logits and gradients."""
+    ids = jnp.asarray(random_ids((2, 17), seed=3))
+    model = new_model(tiny())
+    assert model.h.attn.c_attn.flat  # the form this CPU runs (and the parity tests check)
+    loss, logits, grads = _loss_and_grads(model, ids, None)
+    model.h.attn.c_attn.flat = False
+    loss4, logits4, grads4 = _loss_and_grads(model, ids, None)
+    np.testing.assert_allclose(loss, loss4, rtol=1e-6)
+    np.testing.assert_allclose(logits, logits4, rtol=1e-5, atol=1e-6)
+    for g, g4 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads4), strict=True):
+        np.testing.assert_allclose(g, g4, rtol=1e-4, atol=1e-7)
+    assert float(jnp.abs(grads["h"]["attn"]["c_attn"]["kernel"]).max()) > 1e-3
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
