@@ -78,7 +78,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
         weight_decay=tc.weight_decay,
         mask=_decay_mask,
     )
-    tx = optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), adamw) if tc.max_grad_norm > 0 else adamw
+    tx = optax.chain(clip_by_global_norm(tc.max_grad_norm), adamw) if tc.max_grad_norm > 0 else adamw
     if not (tc.freeze_layers or tc.freeze):
         return tx
     if tc.freeze_layers:  # the first blocks' slices of every stacked h.* tensor: zero in, zero out
@@ -86,6 +86,21 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
         tx = optax.chain(layers, tx, layers)  # (weight decay would move a zero-gradient parameter)
     # Whole frozen tensors get set_to_zero: no Adam moments are kept for them at all.
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, _freeze_labels(tc))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm with one scalar factor, min(1, max_norm / norm), on every gradient
+    (the same state, `EmptyState`; bitwise the same gradients while the norm is below max_norm).
+    optax selects between g and (g / norm) * max_norm per leaf, which XLA:CPU writes out as a
+    clipped copy of every gradient that Adam's two moment updates then read beside g; a scalar
+    multiply fuses into them. Seed model's optimizer update alone, donated, this 2-core CPU:
+    11.3 -> 7.2 ms."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        scale = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def _param_name(path: tuple) -> str:

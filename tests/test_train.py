@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import InterruptedAt, interrupted_at
 from flax import nnx
@@ -19,7 +20,14 @@ from helpers import new_model, small_config
 from gpt2_flax import GPT2, ConfigError
 from gpt2_flax.checkpoint import TrainingError
 from gpt2_flax.config import Config, DataConfig, ModelConfig, TrainConfig
-from gpt2_flax.train import build, init_state, lr_schedule, make_optimizer, to_global
+from gpt2_flax.train import (
+    build,
+    clip_by_global_norm,
+    init_state,
+    lr_schedule,
+    make_optimizer,
+    to_global,
+)
 
 BLOCK = 32
 
@@ -90,6 +98,23 @@ def test_grad_accumulation_equals_one_big_batch(dataset, vocab_size: int) -> Non
     assert (
         max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params1), initial, strict=True)) > 1e-3
     )
+
+
+def test_clipping_scales_by_one_factor_and_keeps_optax_state() -> None:
+    """train.clip_by_global_norm: gradients bitwise unchanged below max_norm, scaled to norm
+    max_norm above it (as optax's, which checkpoints hold the state of: the same EmptyState)."""
+    grads = {"a": jnp.arange(6.0).reshape(2, 3) / 10, "b": jnp.ones(4) / 10}  # norm 0.806
+    ours, theirs = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    assert ours.init(grads) == theirs.init(grads) == optax.EmptyState()
+    kept, _ = ours.update(grads, ours.init(grads))
+    for g, k in zip(jax.tree.leaves(grads), jax.tree.leaves(kept), strict=True):
+        assert np.array_equal(np.asarray(g), np.asarray(k))
+    big = jax.tree.map(lambda g: g * 50, grads)
+    clipped, _ = jax.jit(ours.update)(big, ours.init(big))
+    want, _ = theirs.update(big, theirs.init(big))
+    np.testing.assert_allclose(float(optax.tree.norm(clipped)), 1.0, rtol=1e-6)
+    for c, w in zip(jax.tree.leaves(clipped), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(c, w, rtol=1e-6)
 
 
 def test_weight_decay_only_on_kernels(vocab_size: int) -> None:
