@@ -16,6 +16,7 @@ mesh axes, so this file never names a mesh axis.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,11 +119,37 @@ class LayerNorm(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         # Statistics in float32 whatever the compute dtype.
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-        return y.astype(x.dtype)
+        return layer_norm(x.astype(jnp.float32), self.scale[...], self.bias[...], self.eps).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+    """LayerNorm over the last axis, with its backward written out (`_layer_norm_bwd`): autodiff's
+    backward of the same forward ran as more, smaller fusions and reductions on XLA:CPU. Train step,
+    same process, interleaved, this project's 2-core CPU: seed 158.2 -> 150.6 ms (1.05x; again
+    162.4 -> 153.7), demo 106.7 -> 102.4 ms (1.04x)."""
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x: Array, scale: Array, bias: Array, eps: float) -> tuple[Array, tuple]:
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(var + eps)
+    xhat = (x - mean) * rstd
+    return xhat * scale + bias, (xhat, rstd, scale)
+
+
+def _layer_norm_bwd(eps: float, res: tuple, dy: Array) -> tuple[Array, Array, Array]:
+    # y = xhat * scale + bias, xhat = (x - mean) * rstd: with g = dy * scale,
+    # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) over the normalised axis.
+    xhat, rstd, scale = res
+    rows = tuple(range(dy.ndim - 1))
+    g = dy * scale
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    return dx, (dy * xhat).sum(rows), dy.sum(rows)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:

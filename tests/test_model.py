@@ -198,6 +198,28 @@ def test_remat_gives_same_logits_and_gradients() -> None:
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads0)) > 1e-3
 
 
+def test_layer_norm_backward_equals_autodiff() -> None:
+    """`model.layer_norm` writes its backward out (faster on XLA:CPU, fewer HBM bytes on TPU): its
+    gradients for x, scale and bias equal autodiff's of the same forward, for 2-D and 3-D inputs."""
+    from gpt2_flax.model import layer_norm
+
+    def reference(x, scale, bias):
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    for shape in ((24, 16), (3, 8, 16)):
+        x = jax.random.normal(keys[0], shape) * 3 + 1
+        scale, bias = 1 + 0.1 * jax.random.normal(keys[1], (16,)), 0.1 * jax.random.normal(keys[2], (16,))
+        w = jax.random.normal(keys[3], shape)  # a loss whose gradient is not uniform
+        ours = jax.grad(lambda x, s, b, w=w: (layer_norm(x, s, b, 1e-5) * w).sum(), (0, 1, 2))(x, scale, bias)
+        want = jax.grad(lambda x, s, b, w=w: (reference(x, s, b) * w).sum(), (0, 1, 2))(x, scale, bias)
+        np.testing.assert_allclose(layer_norm(x, scale, bias, 1e-5), reference(x, scale, bias), atol=1e-6)
+        for a, b in zip(ours, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_the_flat_qkv_product_equals_the_4d_contraction() -> None:
     """On CPU the fused q, k, v kernel (C, 3, H, D) is multiplied as (C, 3*H*D) (`flat_qkv`, faster
     backward there); TPU and GPU keep the 4-D contraction. Both give the same logits and gradients."""
