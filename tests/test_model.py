@@ -220,6 +220,27 @@ def test_layer_norm_backward_equals_autodiff() -> None:
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_backward_equals_autodiff() -> None:
+    """`model._attention` (the explicit path without dropout) writes its backward out: its gradients
+    for q, k and v equal autodiff's of the same forward, under a causal mask and under packed
+    documents' masks."""
+    from gpt2_flax.model import _attention, _probs
+
+    def reference(q, k, v, mask):
+        return jnp.einsum("bhqk,bkhd->bqhd", _probs(q, k, mask), v)
+
+    q, k, v, w = (jax.random.normal(key, (2, 8, 4, 16)) for key in jax.random.split(jax.random.key(1), 4))
+    causal = jnp.tril(jnp.ones((8, 8), dtype=bool))[None, None]
+    docs = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 2], [0, 1, 1, 1, 1, 1, 2, 2]])
+    packed = causal & (docs[:, None, :, None] == docs[:, None, None, :])
+    for mask in (causal, packed):
+        ours = jax.grad(lambda *a, m=mask: (_attention(*a, m) * w).sum(), (0, 1, 2))(q, k, v)
+        want = jax.grad(lambda *a, m=mask: (reference(*a, m) * w).sum(), (0, 1, 2))(q, k, v)
+        np.testing.assert_allclose(_attention(q, k, v, mask), reference(q, k, v, mask), atol=1e-6)
+        for a, b in zip(ours, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_the_flat_qkv_product_equals_the_4d_contraction() -> None:
     """On CPU the fused q, k, v kernel (C, 3, H, D) is multiplied as (C, 3*H*D) (`flat_qkv`, faster
     backward there); TPU and GPU keep the 4-D contraction. Both give the same logits and gradients."""
