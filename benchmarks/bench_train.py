@@ -43,31 +43,33 @@ def make_ours(cfg):
     return run
 
 
-def make_torch(cfg, compile_: bool):
-    import contextlib
-
+def hf_model(cfg):
+    """Hugging Face PyTorch's GPT-2 of the same size as ours, no dropout, seeded, in train mode."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     m = cfg.model
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = (
-        GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=m.vocab_size,
-                n_positions=m.n_positions,
-                n_embd=m.n_embd,
-                n_layer=m.n_layer,
-                n_head=m.n_head,
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-            )
-        )
-        .to(device)
-        .train()
+    config = GPT2Config(
+        vocab_size=m.vocab_size,
+        n_positions=m.n_positions,
+        n_embd=m.n_embd,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
+    return GPT2LMHeadModel(config).train()
+
+
+def make_torch(cfg, compile_: bool):
+    import contextlib
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = hf_model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, weight_decay=0.01)
     # The same precision policy as ours on an accelerator: fp32 parameters, bf16 matmuls (autocast).
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
