@@ -1,8 +1,8 @@
 """Where the train step's gap to torch.compile is: the forward, the forward + backward and the whole
 step (optimizer, clipping and norms too), ours (`jax.jit`) against Hugging Face PyTorch under
-`torch.compile`, all six in one process, interleaved (the median round counts). The step minus
-the forward + backward is the optimizer's share on each side. CPU only (fp32 on both sides; on a
-GPU, `bench_train.py` and `profile_train.py` measure the step).
+`torch.compile`, all six in one process, interleaved by `bench_train.bench` (the median round
+counts). The step minus the forward + backward is the optimizer's share on each side. CPU only
+(fp32 on both sides; on a GPU, `bench_train.py` and `profile_train.py` measure the step).
 
     python benchmarks/bench_train_parts.py --config configs/seed.yaml
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "seed.yaml"))
-    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds of 4 steps per contender")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds of 4 timed steps per contender")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=16")
     args = p.parse_args()
 
@@ -30,7 +29,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import torch
-    from bench_train import hf_model, make_ours, make_torch
+    from bench_train import bench, hf_model, make_ours, make_torch
     from flax import nnx
 
     from gpt2_flax.config import load_config
@@ -43,7 +42,9 @@ def main() -> None:
     cfg = load_config(args.config, ["mesh.data=1", *args.overrides])
     m = cfg.model
     rng = np.random.default_rng(0)
-    batches = [rng.integers(0, m.vocab_size, (cfg.train.batch_size, m.n_positions + 1)) for _ in range(4)]
+    warmup, per_round = 4, 4
+    shape = (cfg.train.batch_size, m.n_positions + 1)
+    batches = [rng.integers(0, m.vocab_size, shape) for _ in range(warmup + per_round * args.rounds)]
 
     graphdef, params = nnx.split(GPT2LMHeadModel(m, rngs=nnx.Rngs(0)))
 
@@ -52,13 +53,10 @@ def main() -> None:
         return s / n
 
     fwd, grad = jax.jit(loss), jax.jit(jax.grad(loss))
-    jb = [
-        {"input_ids": jnp.asarray(b[:, :-1], jnp.int32), "labels": jnp.asarray(b[:, 1:], jnp.int32)}
-        for b in batches
-    ]
     ours_step = make_ours(cfg)
 
-    # torch.compile of the same three pieces, on one model (its gradients cleared after each backward).
+    # torch.compile's step on its own model (bench_train's); its forward and forward + backward on a
+    # second one of the same seed, whose gradients are cleared after each backward.
     run_step = make_torch(cfg, compile_=True)
     hf = hf_model(cfg)
 
@@ -78,19 +76,19 @@ def main() -> None:
         value.backward()
         return value
 
-    tb = [torch.from_numpy(b.astype(np.int64)) for b in batches]
-
     def hf_part(f):  # noqa: ANN001, ANN202
-        def run(i: int):  # noqa: ANN202
-            value = f(tb[i][:, :-1].contiguous(), tb[i][:, 1:].contiguous())
+        def run(batch: np.ndarray):  # noqa: ANN202
+            t = torch.from_numpy(batch.astype(np.int64))
+            value = f(t[:, :-1].contiguous(), t[:, 1:].contiguous())
             hf.zero_grad(set_to_none=True)
             return value.item
 
         return run
 
     def ours_part(f):  # noqa: ANN001, ANN202
-        def run(i: int):  # noqa: ANN202
-            out = f(params, jb[i])
+        def run(batch: np.ndarray):  # noqa: ANN202
+            ids, labels = jnp.asarray(batch[:, :-1], jnp.int32), jnp.asarray(batch[:, 1:], jnp.int32)
+            out = f(params, {"input_ids": ids, "labels": labels})
             return lambda: jax.block_until_ready(out)
 
         return run
@@ -98,24 +96,12 @@ def main() -> None:
     contenders = {
         "ours fwd": ours_part(fwd),
         "ours fwd+bwd": ours_part(grad),
-        "ours step": lambda i: ours_step(batches[i]),
+        "ours step": ours_step,
         "compile fwd": hf_part(hf_fwd),
         "compile fwd+bwd": hf_part(hf_fwd_bwd),
-        "compile step": lambda i: run_step(batches[i]),
+        "compile step": run_step,
     }
-    for run in contenders.values():  # compile and warm up
-        for i in range(4):
-            run(i)()
-    times = {k: [] for k in contenders}
-    names = list(contenders)
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            for i in range(4):
-                sync = contenders[name](i)
-            sync()
-            times[name].append((time.perf_counter() - t0) / 4 * 1e3)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    med = {k: v * 1e3 for k, v in bench(contenders, batches, warmup, args.rounds).items()}  # ms
     print(
         f"model {m.n_layer}x{m.n_embd} vocab {m.vocab_size} ctx {m.n_positions}, batch {cfg.train.batch_size}"
     )
