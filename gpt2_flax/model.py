@@ -294,12 +294,14 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def unroll_layers(platform: str, n_layer: int) -> bool:
     """Whether the training forward unrolls its layer scan (the parameters stay stacked either way).
-    XLA:CPU, small models only: a rolled scan writes every layer's saved activations into stacked
-    (L, ...) buffers and slices them back out in the backward; unrolled, each is a plain buffer.
-    Measured fwd+bwd on this project's 2-core CPU: demo (4 layers) 173 -> 138 ms, seed (8 layers)
-    233 -> 213 ms. Compile time grows with the layers (GPT-2 124M, 12 layers: 4.5 -> 9.8 s) for no
-    measurable step gain, so larger models, TPU and GPU keep the rolled scan."""
-    return platform == "cpu" and n_layer <= 8
+    XLA:CPU, up to GPT-2 124M's 12 layers: a rolled scan writes every layer's saved activations
+    into stacked (L, ...) buffers and slices them back out in the backward; unrolled, each is a
+    plain buffer. Measured fwd+bwd on this project's 2-core CPU: demo (4 layers) 173 -> 138 ms, seed
+    (8 layers) 233 -> 213 ms. GPT-2 124M (context 256, batch 4, fp32), the train step in one process,
+    interleaved: 6.59 -> 5.71 s (1.15x), temp buffer 2.36 -> 1.91 GB, compile 3.3 -> 5.8 s
+    (2026-12-03; before the allocator stopped trimming, host.py, page faults hid the gain). Compile
+    time grows with the layers, so deeper models, TPU and GPU keep the rolled scan."""
+    return platform == "cpu" and n_layer <= 12
 
 
 def decode_layers_apart(platform: str) -> bool:
