@@ -12,9 +12,11 @@ The cost is that memory freed by the process is kept for reuse rather than retur
 RSS does not shrink. It can also stay above the program's need: when a step's temp buffer is
 allocated before the previous one is back (the two overlap at a step boundary), the old block
 stays resident beside the new one until a later step reuses it. GPT-2 124M at context 256, batch
-4 (2.36 GB temp buffer) settled at 4.8 GB of peak RSS in some runs and 9.4 GB in others, with no
-faults after the first steps either way (the 2 GB trim threshold this module used before peaked at
-7.1 GB and faulted 2.4 GB every step). ``GPT2_FLAX_MALLOC=default`` gives glibc's own behaviour
+4, scanned (2.36 GB temp buffer), settled at 4.8 GB of peak RSS in some runs and 9.4 GB in others,
+with no faults after the first steps either way (the 2 GB trim threshold this module used before
+peaked at 7.1 GB and faulted 2.4 GB every step); unrolled (1.91 GB, `model.unroll_layers`) at 4.5,
+6.3 or 8.2 GB, by run: at most two buffers beside the one in use, reached within the first few
+steps and then flat (30 steps). ``GPT2_FLAX_MALLOC=default`` gives glibc's own behaviour
 back, at one fault per page of temp buffer per step. The corpus is a file-backed memmap and is not
 affected. Only done where XLA:CPU runs the model: not on TPU or GPU hosts (their step's memory is
 on the device), not outside Linux/glibc, and never when ``GPT2_FLAX_MALLOC=default``.
