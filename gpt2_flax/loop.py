@@ -314,7 +314,10 @@ def _steps(
         eval_due = _eval_due(run.dataset, tc, done, end)
         if done % tc.log_every == 0 or done == end or eval_due:
             batches.check(done)
-            extra = evaluate(p, state.params, run.dataset.validation, tc) if eval_due else {}
+            extra = {}
+            if eval_due:
+                with _between_steps(run.logger, state):
+                    extra = evaluate(p, state.params, run.dataset.validation, tc)
             history.append(_log(run.logger, pending, done, p.schedule, extra))
             pending = []
             timed_save = _time_to_save(tc, last_save)
@@ -322,17 +325,26 @@ def _steps(
             _check_finite(pending, done)  # never checkpoint a NaN state
             batches.check(done)
             _still_ours(run.run_dir)
-            _save(p, run.ckpt, done, state)
+            with _between_steps(run.logger, state):
+                _save(p, run.ckpt, done, state)
             last_save = time.monotonic()
         if run.sample_fn is not None and tc.generate_every and done % tc.generate_every == 0:
             batches.check(done)
-            texts = run.sample_fn(p.merge_fn(state.params), done)  # every process: a collective
+            with _between_steps(run.logger, state):
+                texts = run.sample_fn(p.merge_fn(state.params), done)  # every process: a collective
             run.logger.write(append_samples(run.logger.output_dir, done, texts))
             run.logger.text("samples", "\n\n---\n\n".join(texts), done)
         if done < end and run.stop.should_stop(done):
             _check_finite(pending, done)
             return state, history, True
     return state, history, False
+
+
+def _between_steps(logger: MetricsLogger, state: TrainState) -> Any:
+    """Times what follows apart from the steps (MetricsLogger.between_steps), once the steps in
+    flight are done: evaluation, checkpoints and samples wait for them anyway."""
+    jax.block_until_ready(state)
+    return logger.between_steps()
 
 
 def _eval_due(dataset: Any, tc: TrainConfig, done: int, end: int) -> bool:

@@ -15,6 +15,7 @@ from) are not sent again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import json
@@ -22,6 +23,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,11 @@ class MetricsLogger:
         self.peak_flops = peak_flops  # of the whole run; 0 = unknown (no MFU)
         self.first_step_s: float | None = None  # the first step of this call, compile included
         self._timed = [0, 0.0]  # steps and seconds after the first step: the summary's means
+        # Host work between steps (evaluation, checkpoints, samples), timed apart: a sample point's
+        # generation (seed model: ~7 s with its compile) had counted as training time, and its
+        # interval showed 565 tokens/s against ~2,000 for the others.
+        self._between = 0.0  # seconds of it since the last record
+        self._between_total = 0.0
         self._reported: set[str] = set()
         self.output_dir = epath.Path(output_dir) if (output_dir and enabled) else None
         self.path = self.output_dir / "metrics.jsonl" if self.output_dir is not None else None
@@ -164,12 +171,15 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> dict[str, Any]:
         """`metrics` are host floats averaged over the steps since the last call."""
         now = time.perf_counter()
-        steps, dt, timed = step - self._last_step, max(now - self._last_time, 1e-9), True
+        between, self._between = self._between, 0.0
+        steps, dt, timed = step - self._last_step, max(now - self._last_time - between, 1e-9), True
         if steps <= 0:  # log_every=1: this record is the first step alone, compile included
             steps, dt, timed = 1, self.first_step_s or dt, False
         self._last_time, self._last_step = now, step
         tps = steps * self.tokens_per_step / dt
         record: dict[str, Any] = {"step": step, **metrics, "tokens_per_s": tps, "step_time_s": dt / steps}
+        if between:
+            record["between_steps_s"] = between  # evaluation, checkpoints, samples: not in tokens/s
         if "loss" in metrics and math.isfinite(metrics["loss"]) and metrics["loss"] < 50:
             record["perplexity"] = math.exp(metrics["loss"])
         flops_per_s = self.flops_per_step * steps / dt
@@ -210,16 +220,34 @@ class MetricsLogger:
         self._last_time = time.perf_counter()
         self._last_step += 1
 
+    @contextlib.contextmanager
+    def between_steps(self) -> Iterator[None]:
+        """Times host work between train steps (evaluation, a checkpoint, samples) apart, so that
+        tokens/s, step_time_s and MFU measure the steps alone. The caller waits for the steps in
+        flight first, or their compute would be counted here."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self._between += dt
+            self._between_total += dt
+
     def summary(self) -> str:
-        """One line for the end of a run: steps, mean tokens/s and MFU after the first step."""
+        """One line for the end of a run: steps, total time, and the mean tokens/s and MFU of the
+        steps after the first (compile, evaluation, checkpoints and samples timed apart)."""
         steps, secs = self._timed
         if not steps:
             return "gpt2-flax: no step was timed"
         tps = steps * self.tokens_per_step / secs
         first = self.first_step_s
-        line = f"gpt2-flax: {steps + (first is not None)} steps in {secs + (first or 0.0):.1f} s"
-        if self.first_step_s is not None:
-            line += f" (first step, compile included: {self.first_step_s:.1f} s)"
+        total = secs + (first or 0.0) + self._between_total
+        line = f"gpt2-flax: {steps + (first is not None)} steps in {total:.1f} s"
+        apart = [f"first step, compile included: {first:.1f} s"] if first is not None else []
+        if self._between_total:
+            apart.append(f"evaluation, checkpoints and samples: {self._between_total:.1f} s")
+        if apart:
+            line += f" ({'; '.join(apart)})"
         line += f"; mean {tps:,.0f} tokens/s"
         if self.peak_flops:
             line += f", MFU {self.flops_per_step * steps / secs / self.peak_flops:.1%}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -67,20 +68,39 @@ def test_first_step_is_kept_out_of_tokens_per_s() -> None:
     assert "tokens/s" in summary and "MFU" in summary
 
 
+def test_evaluation_checkpoints_and_samples_are_kept_out_of_tokens_per_s() -> None:
+    logger = MetricsLogger(None, 10, 0, tokens_per_step=100, flops_per_step=1e9, enabled=False,
+                           peak_flops=1e10)  # fmt: skip
+    logger.first_step_done(0.1)
+    with logger.between_steps():  # a sample point: seconds of generation between two steps
+        time.sleep(0.5)
+    record = logger.log(3, {"loss": 1.0})
+    assert record["between_steps_s"] == pytest.approx(0.5, abs=0.1)
+    assert record["step_time_s"] < 0.05 and record["tokens_per_s"] > 100 / 0.05
+    assert "between_steps_s" not in logger.log(5, {"loss": 1.0})  # counted once, in its interval
+    summary = logger.summary()
+    assert "evaluation, checkpoints and samples: 0.5 s" in summary
+    total = float(summary.split(" steps in ")[1].split(" s")[0])
+    assert 0.6 <= total < 0.7  # the total time still counts it (and the first step)
+
+
 def test_training_logs_mfu_and_prints_a_summary(
     tokenizer_files, tiny_config, dataset, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     vocab, merges = tokenizer_files
     ai = GPT2(vocab_file=vocab, merges_file=merges, config=tiny_config)
     ai.train(dataset, batch_size=16, num_steps=12, output_dir=tmp_path / "run", log_every=4,
-             peak_flops=2e10, progress=False)  # fmt: skip
+             save_every=4, peak_flops=2e10, progress=False)  # fmt: skip
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8, 12]
+    # The checkpoints at steps 4 and 8 are timed apart, in the interval after each.
+    assert "between_steps_s" not in records[0] and all(r["between_steps_s"] > 0 for r in records[1:])
     assert records[0]["first_step_s"] > 0 and all("first_step_s" not in r for r in records[1:])
     for r in records:
         assert 0 < r["mfu"] < 1 and r["mfu"] == pytest.approx(r["model_tflops_per_s"] * 1e12 / 2e10)
     err = capsys.readouterr().err
     assert "gpt2-flax: 12 steps in" in err and "first step, compile included" in err and "MFU" in err
+    assert "evaluation, checkpoints and samples:" in err
 
 
 def _events(folder) -> list:
