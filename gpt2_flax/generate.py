@@ -5,7 +5,8 @@ Shapes (B rows, P prompt width, N buffer slots, S cache slots, V vocabulary)::
     buf    (B, N) int32        every row's tokens; prompts left-padded so that all end at slot P
     cache  (L, B, H, S, D)     keys and values of every layer (model.KVCache), S = min(N, n_positions);
                                on CPU L arrays of (B, H, S, D), read with per-layer weights
-                               (`model.decode_layers_apart`: a second copy of the block weights)
+                               (`model.decode_layers_apart`: a second copy of the block weights,
+                               its kernels held as (out, in): `model.times_transposed`)
     start  (B,)                the slot of each row's first real token (its left padding is before)
 
 While the rows are short the cache is too: where it outweighs the weights (small models, large

@@ -63,14 +63,25 @@ def hf_model(folder: Path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("per_layer", [False, True], ids=["scanned", "per_layer"])
-def test_prefill_and_decode_equal_the_full_forward(tiny_config, dtype: str, per_layer: bool) -> None:
+@pytest.mark.parametrize(("b", "p"), [(2, 7), (4, 24)], ids=["short_prefill", "long_prefill"])
+def test_prefill_and_decode_equal_the_full_forward(
+    tiny_config, dtype: str, per_layer: bool, b: int, p: int
+) -> None:
     """Both decode forms: the scan over the stacked weights and cache (TPU, GPU) and the per-layer
-    weights and cache of `split_layers` (XLA:CPU, `decode_layers_apart`)."""
+    weights and cache of `split_layers` (XLA:CPU, `decode_layers_apart`), whose kernels are held
+    as (out, in) and multiplied by `times_transposed` in both of its forms (a prefill of 4 x 24
+    rows takes the plain product, the one-token steps the (N, M) one)."""
     model = new_model(tiny_config, seed=3, dtype=dtype)
-    b, t, p, slots = 2, 24, 7, 32
+    t, slots = min(p + 17, tiny_config.n_positions), 32
     ids = jnp.asarray(np.random.RandomState(0).randint(0, tiny_config.vocab_size, (b, t)), jnp.int32)
     full = model(ids)
     layers = split_layers(nnx.state(model.h)) if per_layer else None
+    if per_layer:
+        c = tiny_config.n_embd
+        kernels = jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(layers[0]))
+        assert kernels["attn"]["c_attn"]["kernel"] == (3 * c, c)
+        assert kernels["mlp"]["c_fc"]["kernel"] == (4 * c, c)
+        assert kernels["mlp"]["c_proj"]["kernel"] == (c, 4 * c)
     cache = model.init_cache(b, slots, per_layer=per_layer)
     k = cache.k[1] if per_layer else cache.k[1:]
     assert k.dtype == jnp.dtype(dtype) and k.shape == ((b, 4, slots, 8) if per_layer else (1, b, 4, slots, 8))
