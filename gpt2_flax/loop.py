@@ -6,6 +6,7 @@ points (metrics), at saves (the NaN check) and at evaluations.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -340,7 +341,7 @@ def _steps(
     return state, history, False
 
 
-def _between_steps(logger: MetricsLogger, state: TrainState) -> Any:
+def _between_steps(logger: MetricsLogger, state: TrainState) -> contextlib.AbstractContextManager[None]:
     """Times what follows apart from the steps (MetricsLogger.between_steps), once the steps in
     flight are done: evaluation, checkpoints and samples wait for them anyway."""
     jax.block_until_ready(state)

@@ -83,6 +83,9 @@ class Linear(nnx.Module):
         return y + self.bias[...].astype(x.dtype)
 
 
+FEW_ROWS = 64  # up to this many rows, `times_transposed` takes the (N, M) product
+
+
 def times_transposed(x: Array, kernel_t: Array, dtype: Any = None) -> Array:
     """x (M, K) @ kernel_t (N, K)^T: the CPU decode's products (`split_layers`). For a few rows
     (M <= 64: decode steps) it is computed as (N, M) and transposed. XLA:CPU's kernels for small M
@@ -93,7 +96,7 @@ def times_transposed(x: Array, kernel_t: Array, dtype: Any = None) -> Array:
     kernel again). Longer prefills (M >= 256), where the (N, M) form ran 0.83-0.96x, take the
     plain product, as fast as `x @ kernel`. dtype: the product's (the tied head accumulates 16-bit
     inputs in float32), by default x's."""
-    if x.shape[0] > 64:
+    if x.shape[0] > FEW_ROWS:
         return jnp.einsum("mk,nk->mn", x, kernel_t, preferred_element_type=dtype)
     return jax.lax.optimization_barrier(jnp.einsum("nk,mk->nm", kernel_t, x, preferred_element_type=dtype)).T
 

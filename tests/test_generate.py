@@ -31,7 +31,7 @@ from gpt2_flax.generate import (
     process_logits,
     top_k_candidates,
 )
-from gpt2_flax.model import split_layers
+from gpt2_flax.model import FEW_ROWS, split_layers
 
 PROMPT = "ROMEO:"
 
@@ -73,6 +73,7 @@ def test_prefill_and_decode_equal_the_full_forward(
     rows takes the plain product, the one-token steps the (N, M) one)."""
     model = new_model(tiny_config, seed=3, dtype=dtype)
     t, slots = min(p + 17, tiny_config.n_positions), 32
+    assert b <= FEW_ROWS and (b * p > FEW_ROWS) == (b == 4)  # the steps few rows; one prefill many
     ids = jnp.asarray(np.random.RandomState(0).randint(0, tiny_config.vocab_size, (b, t)), jnp.int32)
     full = model(ids)
     layers = split_layers(nnx.state(model.h)) if per_layer else None
