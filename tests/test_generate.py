@@ -198,6 +198,47 @@ def test_batched_prompts_of_different_lengths_equal_each_alone(trained_run) -> N
     assert ai.generate(prompt=prompts, **kw)[0] == ai.generate(prompt=prompts[0], **kw)[0]
 
 
+def test_rows_split_over_cores_generate_what_one_program_does(trained_run, monkeypatch) -> None:
+    """On one CPU device a small model's rows run as one program per core at once (`groups`):
+    uneven shares, prompts of other lengths, stops and a minimum length, token for token what one
+    program makes, with one compiled program for every group."""
+    import threading
+
+    import gpt2_flax.generate as G
+
+    ai = trained_run.ai
+    params = jax.device_put(nnx.to_pure_dict(nnx.state(ai.model)), jax.devices()[0])  # one device
+    eos = ai.eos_token_id
+    prompts = [[eos, 5, 6], [eos, 7], [eos, *range(8, 20)], [eos, 9, 10, 11], [eos]]
+    rows = Rows(prompts=prompts, totals=[20, 24, 30, 16, 40], min_totals=[0, 10, 0, 0, 30], row_ids=range(5))
+    threads_used: set[int] = set()
+    place = G._place
+    monkeypatch.setattr(G, "_place", lambda *a: threads_used.add(threading.get_ident()) or place(*a))
+
+    def run(threads: int) -> tuple[list[list[int]], Generator]:
+        engine = Generator(nnx.graphdef(ai.model), threads=threads)
+        sampling = Sampling(temperature=1.0, top_k=20)
+        out = engine(params, rows, sampling=sampling, seed=3, stop_ids=[7], pad_id=0)
+        return [r.tolist() for r in out], engine
+
+    threads_used.clear()
+    want, one = run(1)
+    main = {threading.get_ident()}
+    assert one.groups(params, 5) == 1 and threads_used == main  # one group: no worker threads
+    for threads in (2, 3):
+        threads_used.clear()
+        got, engine = run(threads)
+        assert engine.groups(params, 5) == threads and len(threads_used - main) == threads
+        assert got == want and engine.compilations == 1
+    assert Generator(nnx.graphdef(ai.model), threads=8).groups(params, 3) == 3  # at most one group a row
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    monkeypatch.setattr(G, "SPLIT_WEIGHT_BYTES", 2 * weight_bytes - 1)  # two groups would read more
+    assert Generator(nnx.graphdef(ai.model), threads=2).groups(params, 5) == 1
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    spread = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    assert Generator(nnx.graphdef(ai.model), threads=2).groups(spread, 5) == 1  # a mesh: one program
+
+
 def test_top_k_1_is_greedy_and_seeds_repeat(trained_run) -> None:
     ai = trained_run.ai
     assert ai.generate(n=2, prompt=PROMPT, top_k=1, temperature=1.0, max_new_tokens=20, seed=3,
