@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt2_flax.config import Config, ConfigError, field_docs, load_config
+from gpt2_flax.config import Config, ConfigError, field_docs, load_config, presets
 from gpt2_flax.errors import GPT2FlaxError, cli_spelling
 
 # The main job with no arguments: the seed page's kind of model, sized to train in a few CPU minutes
@@ -237,6 +237,7 @@ def cmd_compile(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0 if report.fits else 1
 
 
+_PRESETS = ", ".join(presets())
 _INPUTS_HELP = "text/CSV/JSONL/Parquet files, folders, globs or hub:NAME[:CONFIG][@SPLIT]"
 
 
@@ -252,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_override_help(),
         formatter_class=fmt,
     )
-    t.add_argument("--config", help="YAML config (see configs/); default: the built-in demo")
+    t.add_argument(
+        "--config", help=f"YAML config, or a preset by name ({_PRESETS}); default: the built-in demo"
+    )
     t.add_argument("--data", nargs="+", help=f"{_INPUTS_HELP} (sets data.files)")
     t.add_argument(
         "--output-dir", help="checkpoints, metrics.jsonl and the export go here (train.output_dir)"
@@ -348,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_override_help(),
         formatter_class=fmt,
     )
-    c.add_argument("--config", required=True, help="YAML config (see configs/)")
+    c.add_argument("--config", required=True, help=f"YAML config, or a preset by name ({_PRESETS})")
     c.add_argument(
         "--topology", required=True, help="e.g. v5e:2x4 (v5e-8), v4:2x2x1 (v4-8), v5p:2x2x1, v5e:4x4"
     )

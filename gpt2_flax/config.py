@@ -543,15 +543,37 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
+# The repository's configs/, shipped inside the package (gpt2_flax/configs links to it), so that a
+# pip-installed gpt2_flax knows its presets by name wherever it runs.
+PRESETS = Path(__file__).parent / "configs"
+
+
+def presets() -> list[str]:
+    """The names of the shipped configs: `--config seed` reads configs/seed.yaml."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def config_file(path: str | Path) -> Path:
+    """A YAML file: an existing path, else a preset by name ("seed", "gpt2-124m.yaml", or the
+    README's spelling "configs/seed.yaml" run outside a checkout)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    named = path.parent in (Path("."), Path("configs")) and path.suffix in ("", ".yaml")
+    if named and path.stem in presets():
+        return PRESETS / f"{path.stem}.yaml"
+    raise ConfigError(
+        f"config file {path} does not exist; give a YAML file, or a preset by name: {', '.join(presets())}"
+    )
+
+
 def load_config(
     path: str | Path | None = None, overrides: Sequence[str] = (), **sections: Mapping[str, Any]
 ) -> Config:
     """Defaults <- YAML file <- keyword sections (dicts) <- dotted overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+        path = config_file(path)
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -40,6 +40,31 @@ def test_demo_yaml_equals_builtin_demo() -> None:
     assert load_config(ROOT / "configs" / "demo.yaml") == load_config(None, **cli.DEMO)
 
 
+def test_presets_by_name_from_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/ ships inside the package: `--config seed` (or the README's configs/seed.yaml) reads
+    it wherever the command runs; an unknown name lists the presets; an existing file wins."""
+    from gpt2_flax.config import PRESETS, presets
+
+    assert sorted(p.name for p in PRESETS.glob("*.yaml")) == sorted(
+        p.name for p in (ROOT / "configs").glob("*.yaml")
+    )
+    assert presets() == sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    want = load_config(ROOT / "configs" / "seed.yaml")
+    for name in ("seed", "seed.yaml", "configs/seed.yaml"):
+        assert load_config(name) == want, name
+    Path("seed.yaml").write_text("model: {n_layer: 3}\n")  # the user's own file is read first
+    assert load_config("seed").model.n_layer == 8 and load_config("seed.yaml").model.n_layer == 3
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for bad in ("sede", "elsewhere/seed.yaml", "seed.yml"):
+        with pytest.raises(
+            ConfigError, match=f"config file {bad} does not exist.*preset by name: demo, .*seed, tiny"
+        ):
+            load_config(bad)
+    assert cli.main(["train", "--config", "sede"]) != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
 def test_seed_yaml_is_the_seed_page_model() -> None:
     m = load_config(ROOT / "configs" / "seed.yaml").model
     assert (m.vocab_size, m.n_positions, m.n_embd, m.n_layer, m.n_head, m.dropout) == (
