@@ -82,6 +82,8 @@ def make_folder(name: str, root: Path) -> tuple[Path, str]:
 
 
 def worker_ours(folder: str, prompt: str, batch: int, repeats: int) -> dict:
+    from flax import nnx
+
     from gpt2_flax import GPT2
 
     ai = GPT2(model_folder=folder)
@@ -93,7 +95,8 @@ def worker_ours(folder: str, prompt: str, batch: int, repeats: int) -> dict:
     first = time.perf_counter() - t0
     engine = ai._generator()
     best = min(_timed(lambda s=s: ai.generate(seed=s, **kw)) for s in range(1, repeats + 1))
-    return {"first_call_s": first, "compile_s": engine.compile_seconds, "best_s": best}
+    groups = engine.groups(nnx.to_pure_dict(nnx.state(ai.model)), batch)  # programs run at once
+    return {"first_call_s": first, "compile_s": engine.compile_seconds, "best_s": best, "groups": groups}
 
 
 def worker_hf(folder: str, prompt: str, batch: int, repeats: int) -> dict:
@@ -179,7 +182,8 @@ def main() -> None:
                 ours = spawn("ours", folder, prompt, batch, args.repeats, bw)
                 theirs = spawn("hf", folder, prompt, batch, args.repeats, False)
                 tps = {k: batch * NEW_TOKENS / r["best_s"] for k, r in (("ours", ours), ("hf", theirs))}
-                line = (f"{name:5s} batch {batch}: gpt2_flax {tps['ours']:8.1f} tok/s (compile "
+                programs = f"{ours['groups']} program{'s' * (ours['groups'] > 1)}"
+                line = (f"{name:5s} batch {batch}: gpt2_flax {tps['ours']:8.1f} tok/s ({programs}, compile "
                         f"{ours['compile_s']:.1f} s, RSS {ours['peak_rss_mb']:.0f} MB) | HF PyTorch "
                         f"{tps['hf']:8.1f} tok/s (RSS {theirs['peak_rss_mb']:.0f} MB) | ours/theirs "
                         f"{tps['ours'] / tps['hf']:.2f}x")  # fmt: skip
