@@ -559,9 +559,9 @@ def config_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    named = path.parent in (Path("."), Path("configs")) and path.suffix in ("", ".yaml")
-    if named and path.stem in presets():
-        return PRESETS / f"{path.stem}.yaml"
+    name = path.name.removesuffix(".yaml")  # not .stem: "gpt2-1.5b" has no suffix
+    if path.parent in (Path("."), Path("configs")) and name in presets():
+        return PRESETS / f"{name}.yaml"
     raise ConfigError(
         f"config file {path} does not exist; give a YAML file, or a preset by name: {', '.join(presets())}"
     )

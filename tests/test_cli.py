@@ -53,6 +53,7 @@ def test_presets_by_name_from_anywhere(tmp_path: Path, monkeypatch: pytest.Monke
     want = load_config(ROOT / "configs" / "seed.yaml")
     for name in ("seed", "seed.yaml", "configs/seed.yaml"):
         assert load_config(name) == want, name
+    assert load_config("gpt2-1.5b") == load_config(ROOT / "configs" / "gpt2-1.5b.yaml")  # a dot in the name
     Path("seed.yaml").write_text("model: {n_layer: 3}\n")  # the user's own file is read first
     assert load_config("seed").model.n_layer == 8 and load_config("seed.yaml").model.n_layer == 3
     before = sorted(p.name for p in tmp_path.iterdir())
