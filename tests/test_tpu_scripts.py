@@ -348,6 +348,13 @@ def test_launch_on_all_workers_of_a_multi_host_slice(gc):
     assert not any("storage cp" in " ".join(call) for call in gc.calls)
 
 
+def test_launch_sends_a_preset_by_name(gc):
+    # configs/ sits beside tpu_scripts/: a preset's name is enough, from any folder.
+    result = gc.run("launch", "--type", "v4-8", "--config", "gpt2-124m", "--output", "gs://bkt/run")
+    assert result.returncode == 0, result.stderr
+    assert gc.calls[0] == scp(str(SCRIPTS.parent / "configs" / "gpt2-124m.yaml"), "gpt2_flax_config.yaml")
+
+
 def test_launch_single_host_local_output_and_data_replacing_a_trainer(gc):
     args = ["--config", gc.config, "--output", "run1", "--data-files", "data/*.txt", "--replace"]
     result = gc.run("launch", *args)
@@ -606,7 +613,8 @@ def test_dry_run_runs_no_gcloud(gc, script):
             "launch",
             ["--config", "missing.yaml", "--output", "gs://b/r"],
             {},
-            "config 'missing.yaml' not found",
+            "config 'missing.yaml' not found. Fix: pass --config PATH/TO/CONFIG.yaml, "
+            "or a preset by name: demo, gpt2-1.5b",
         ),
         ("setup", [], {}, "nothing to install"),
         ("setup", ["--git", "https://x/y.git", "--extras", "tpu torch"], {}, "not a comma-separated list"),

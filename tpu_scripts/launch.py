@@ -21,13 +21,16 @@ import argparse
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import common
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", required=True, help="trainer config YAML, e.g. configs/tpu-v4-8-124m.yaml"
+        "--config",
+        required=True,
+        help="trainer config YAML, e.g. configs/tpu-v4-8-124m.yaml, or a preset by name (gpt2-124m)",
     )
     parser.add_argument(
         "--output", required=True, help="output dir, gs://BUCKET/RUN (required for multi-host)"
@@ -42,9 +45,25 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The repository's presets, beside tpu_scripts/: `--config gpt2-124m` sends configs/gpt2-124m.yaml.
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_file(path: str) -> str:
+    """The config YAML to send: the path given if it exists, else a preset of configs/ by name."""
+    if os.path.isfile(path):
+        return path
+    name = os.path.basename(path).removesuffix(".yaml")
+    if os.path.dirname(path) in ("", "configs") and (CONFIGS / f"{name}.yaml").is_file():
+        return str(CONFIGS / f"{name}.yaml")
+    presets = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+    raise common.UsageError(
+        f"config {path!r} not found. Fix: pass --config PATH/TO/CONFIG.yaml, or a preset by name: {presets}."
+    )
+
+
 def check_args(args: argparse.Namespace) -> None:
-    if not os.path.isfile(args.config):
-        raise common.UsageError(f"config {args.config!r} not found. Fix: pass --config PATH/TO/CONFIG.yaml.")
+    args.config = config_file(args.config)
     if common.hosts(args.accel_type) > 1:
         common.require_gs_output(args.output, f"{args.accel_type} has {common.hosts(args.accel_type)} hosts")
     for override in args.overrides:
