@@ -559,11 +559,11 @@ def config_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    name = path.name.removesuffix(".yaml")  # not .stem: "gpt2-1.5b" has no suffix
-    if path.parent in (Path("."), Path("configs")) and name in presets():
+    name, names = path.name.removesuffix(".yaml"), presets()  # not .stem: "gpt2-1.5b" has no suffix
+    if path.parent in (Path("."), Path("configs")) and name in names:
         return PRESETS / f"{name}.yaml"
     raise ConfigError(
-        f"config file {path} does not exist; give a YAML file, or a preset by name: {', '.join(presets())}"
+        f"config file {path} does not exist; give a YAML file, or a preset by name: {', '.join(names)}"
     )
 
 

@@ -221,7 +221,7 @@ def _generate(
     slot = jnp.arange(width)[None, :]
     real = slot >= start[:, None]  # (B, P)
     positions = jnp.maximum(slot - start[:, None], 0)
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    weight_bytes = _nbytes(params)
     cfg, item = model.config, jnp.dtype(model.dtype).itemsize
     cache_share = 2 * cfg.n_layer * b * slots * cfg.n_embd * item / weight_bytes
     sizes = cache_phases(width, slots, cache_share) if n <= ctx else (slots,)
@@ -403,7 +403,7 @@ class Generator:
         devices = jax.tree.leaves(params)[0].sharding.device_set
         if len(devices) > 1 or next(iter(devices)).platform != "cpu":
             return 1
-        weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+        weight_bytes = _nbytes(params)
         threads = self.threads or _cores()
         return max(1, min(threads, n_rows, SPLIT_WEIGHT_BYTES // weight_bytes))
 
@@ -451,6 +451,12 @@ class Generator:
             self.compile_seconds += time.perf_counter() - t0
             self.compilations += 1
         return self._programs[key], mesh
+
+
+def _nbytes(tree: Any) -> int:
+    """The bytes of a tree's arrays (checkpoint.state_bytes is the same sum, but importing it
+    would bring Orbax into generation, which never needs it)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def _cores() -> int:

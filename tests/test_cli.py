@@ -56,14 +56,14 @@ def test_presets_by_name_from_anywhere(tmp_path: Path, monkeypatch: pytest.Monke
     assert load_config("gpt2-1.5b") == load_config(ROOT / "configs" / "gpt2-1.5b.yaml")  # a dot in the name
     Path("seed.yaml").write_text("model: {n_layer: 3}\n")  # the user's own file is read first
     assert load_config("seed").model.n_layer == 8 and load_config("seed.yaml").model.n_layer == 3
-    before = sorted(p.name for p in tmp_path.iterdir())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     for bad in ("sede", "elsewhere/seed.yaml", "seed.yml"):
         with pytest.raises(
             ConfigError, match=f"config file {bad} does not exist.*preset by name: demo, .*seed, tiny"
         ):
             load_config(bad)
     assert cli.main(["train", "--config", "sede"]) != 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written or changed
 
 
 def test_seed_yaml_is_the_seed_page_model() -> None:

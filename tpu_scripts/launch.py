@@ -50,7 +50,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def config_file(path: str) -> str:
-    """The config YAML to send: the path given if it exists, else a preset of configs/ by name."""
+    """The config YAML to send: the path given if it exists, else a preset of configs/ by name.
+    The rule of gpt2_flax.config.config_file, written again because these scripts run on a
+    workstation with the standard library only (no gpt2_flax, no PyYAML)."""
     if os.path.isfile(path):
         return path
     name = os.path.basename(path).removesuffix(".yaml")
